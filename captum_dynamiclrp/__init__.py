@@ -1,0 +1,28 @@
+"""captum_dynamiclrp: Layer-wise Relevance Propagation for any PyTorch model, as a Captum method.
+
+>>> from captum_dynamiclrp import DynamicLRP
+>>> attr = DynamicLRP(model).attribute(x, target=3)
+"""
+
+from .attribution import DynamicLRP
+from .engine import Engine, relevance
+from .errors import DynamicLRPError, UnrecoverableOperandError, UnsupportedOperationError
+from .presets import DEFAULT_PRESET, PRESETS, Preset
+from .rules import RULE_TABLE, OpSpec, RuleContext
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_PRESET",
+    "DynamicLRP",
+    "DynamicLRPError",
+    "Engine",
+    "OpSpec",
+    "PRESETS",
+    "Preset",
+    "RULE_TABLE",
+    "RuleContext",
+    "UnrecoverableOperandError",
+    "UnsupportedOperationError",
+    "relevance",
+]

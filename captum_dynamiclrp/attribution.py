@@ -1,0 +1,318 @@
+"""``DynamicLRP``: the engine as a Captum attribution method."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
+
+import torch
+from captum._utils.common import (
+    _format_additional_forward_args,
+    _format_output,
+    _format_tensor_into_tuples,
+    _is_tuple,
+    _select_targets,
+)
+from captum._utils.typing import TargetType, TensorOrTupleOfTensorsGeneric
+from captum.attr import Attribution
+from captum.log import log_usage
+from torch import Tensor, nn
+
+from .engine import Engine
+from .engine.graph import build_graph
+from .errors import UnsupportedOperationError
+from .presets import Preset, resolve_preset
+from .rules.base import OpSpec
+
+# Keywords of IntegratedGradients / GradientShap / NoiseTunnel that DynamicLRP accepts and ignores,
+# so that swapping the constructor is the only change a pipeline needs.
+IGNORED_KEYWORDS = frozenset(
+    {"baselines", "n_steps", "method", "internal_batch_size", "n_samples", "stdevs"}
+)
+
+
+def _owning_module(forward_func: Callable) -> Optional[nn.Module]:
+    if isinstance(forward_func, nn.Module):
+        return forward_func
+    owner = getattr(forward_func, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+@contextlib.contextmanager
+def _parameters_tracked(module: Optional[nn.Module]) -> Iterator[None]:
+    """Let frozen parameters require grad during the forward, restoring every flag afterwards.
+
+    A parameter that does not require grad leaves no node in the autograd graph, so a
+    bias would vanish from the LRP denominators. Nothing is accumulated in ``.grad``:
+    the engine never calls backward.
+    """
+    frozen = [] if module is None else [p for p in module.parameters() if not p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+def _current_sequence_nr() -> int:
+    return (torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr()
+
+
+def locate_module(module: nn.Module, run_forward: Callable[[], Tensor], node_type: str) -> Optional[str]:
+    """Find the (innermost) module whose forward created a node of type ``node_type``.
+
+    Runs the forward once more with hooks that record each module's range of autograd
+    sequence numbers; hooks are removed even if the forward raises.
+    """
+    spans: list[tuple[str, int, int]] = []
+    open_spans: list[tuple[str, int]] = []
+    handles = []
+
+    def pre(name: str):
+        return lambda mod, args: open_spans.append((name, _current_sequence_nr()))
+
+    def post(mod, args, out):
+        name, start = open_spans.pop()
+        spans.append((name, start, _current_sequence_nr()))
+
+    try:
+        for name, sub in module.named_modules():
+            label = name or type(module).__name__
+            handles.append(sub.register_forward_pre_hook(pre(label)))
+            handles.append(sub.register_forward_hook(post))
+        with torch.enable_grad():
+            out = run_forward()
+        graph = build_graph(out.grad_fn, ())
+    except Exception:
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    for node, name in zip(graph.nodes, graph.types):
+        if name == node_type:
+            seq = node._sequence_nr()
+            inside = [(end - start, label) for label, start, end in spans if start < seq < end]
+            if inside:
+                return min(inside)[1]
+    return None
+
+
+class DynamicLRP(Attribution):
+    r"""Layer-wise Relevance Propagation on any PyTorch model, at the level of autograd operations.
+
+    One forward pass builds the autograd graph; the engine walks it from the
+    explained output to the inputs, applying one rule per operation and recovering
+    forward operands autograd did not keep with the Promise System. No
+    module-specific code: the same rule table covers any model made of its ops.
+
+    The relevance at the output is the target logit itself, so attributions of an
+    example add up to its target output minus what biases absorbed; that
+    difference is the convergence delta.
+
+    Args:
+        forward_func (Callable or torch.nn.Module): The model or a function running it.
+        rules (str or Preset or Mapping[str, OpSpec], optional): ``"epsilon"`` (default),
+            ``"gamma"``, ``"zplus"``, a :class:`~captum_dynamiclrp.presets.Preset`, or a
+            mapping of per-op overrides applied on the default preset.
+        epsilon (float, optional): Stabiliser; overrides the preset's (default 1e-6).
+        gamma (float, optional): Gamma of the ``"gamma"`` preset (default 0.25).
+        fallback (bool, optional): Split relevance evenly over the inputs of ops with no
+            rule instead of raising :class:`~captum_dynamiclrp.errors.UnsupportedOperationError`.
+            Off by default; fallback ops are listed in ``last_fallback_ops``.
+        cache_size (int, optional): Number of cached promise plans (default 8).
+
+    Examples::
+
+        >>> lrp = DynamicLRP(model)
+        >>> attr, delta = lrp.attribute(x, target=3, return_convergence_delta=True)
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        rules: Union[str, Preset, Mapping[str, OpSpec], None] = None,
+        epsilon: Optional[float] = None,
+        gamma: Optional[float] = None,
+        fallback: bool = False,
+        cache_size: int = 8,
+    ) -> None:
+        super().__init__(forward_func)
+        self.preset = resolve_preset(rules, epsilon=epsilon, gamma=gamma)
+        self.engine = Engine(
+            settings=self.preset.settings(),
+            overrides=self.preset.overrides,
+            fallback=fallback,
+            cache_size=cache_size,
+        )
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return True
+
+    def has_convergence_delta(self) -> bool:
+        return True
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "DynamicLRP"
+
+    @property
+    def last_fallback_ops(self) -> list[str]:
+        """Types of the ops the opt-in fallback handled in the last call."""
+        run = self.engine.last_run
+        return [] if run is None else list(run.plan.fallback_nodes)
+
+    def clear_cache(self) -> None:
+        """Forget the cached promise plans."""
+        self.engine.clear_cache()
+
+    @log_usage(part_of_slo=True)
+    def attribute(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        return_convergence_delta: bool = False,
+        **ignored: Any,
+    ) -> Union[TensorOrTupleOfTensorsGeneric, tuple[TensorOrTupleOfTensorsGeneric, Tensor]]:
+        r"""Relevance of each input element for the target output.
+
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): Floating-point inputs, batch first.
+                For token ids, attribute at the embedding output instead
+                (pass the embeddings, e.g. ``inputs_embeds``, as the input).
+            target (int, tuple, Tensor or list, optional): Output index per example, in
+                any form Captum accepts. May be None only if the model returns one value
+                per example.
+            additional_forward_args (Any, optional): Passed to the model after ``inputs``.
+            return_convergence_delta (bool, optional): Also return, per example,
+                ``sum(attributions) - f_target(x)``: minus the relevance absorbed by
+                biases and constants (0 for a bias-free network). Default: False.
+            **ignored: Keywords of IntegratedGradients and GradientShap (``baselines``,
+                ``n_steps``, ``method``, ``internal_batch_size``, ...), accepted and
+                ignored so that swapping the method is a one-line change.
+
+        Returns:
+            Attributions of the same structure and shapes as ``inputs``, and the
+            convergence delta (shape ``(batch,)``) if requested.
+        """
+        unknown = set(ignored) - IGNORED_KEYWORDS
+        if unknown:
+            raise TypeError(f"DynamicLRP.attribute() got unexpected keyword arguments {sorted(unknown)}")
+        is_tuple = _is_tuple(inputs)
+        formatted = _format_tensor_into_tuples(inputs)
+        for x in formatted:
+            if not isinstance(x, Tensor):
+                raise TypeError(f"inputs must be tensors, got {type(x).__name__}")
+            if not (x.is_floating_point() or x.is_complex()):
+                raise TypeError(
+                    f"DynamicLRP attributes floating-point inputs, got dtype {x.dtype}. For token ids, "
+                    "attribute at the embedding output: pass the embeddings (e.g. inputs_embeds) as the "
+                    "input, or run the engine's relevance() on the embedding tensor."
+                )
+        extra = _format_additional_forward_args(additional_forward_args)
+        module = _owning_module(self.forward_func)
+        if module is not None and any(m.training for m in module.modules()):
+            warnings.warn(
+                "The model is in training mode: dropout and batch-norm batch statistics make "
+                "attributions random and batch-dependent. Call model.eval() first.",
+                stacklevel=2,
+            )
+
+        # Work on fresh leaves so the user's tensors and their flags are never touched.
+        leaves = tuple(x.detach().clone().requires_grad_(True) for x in formatted)
+
+        def run_forward() -> Tensor:
+            args = leaves + tuple(extra) if extra is not None else leaves
+            return self.forward_func(*args)
+
+        with torch.enable_grad(), _parameters_tracked(module):
+            output = run_forward()
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    f"The model returned {type(output).__name__}; DynamicLRP needs a tensor of scores. "
+                    "Wrap the model so that it returns the logits, e.g. lambda x: model(x).logits."
+                )
+            seed, selected = self._seed(output, target)
+            try:
+                relevances = self.engine.relevance(output, leaves, seed)
+            except UnsupportedOperationError as err:
+                if module is not None and err.module_path is None:
+                    path = locate_module(module, run_forward, err.node_type)
+                    if path is not None:
+                        raise UnsupportedOperationError(err.node_type, path) from None
+                raise
+        attributions = tuple(relevances)
+        result = _format_output(is_tuple, attributions)
+        if not return_convergence_delta:
+            return result
+        delta = self._delta(attributions, selected.detach())
+        return result, delta
+
+    @staticmethod
+    def _seed(output: Tensor, target: TargetType) -> tuple[Tensor, Tensor]:
+        """Relevance at the output (the target logit, zero elsewhere) and the selected values."""
+        if output.dim() == 0:
+            output_rows = output.reshape(1)
+        else:
+            output_rows = output
+        if target is None:
+            if output_rows.dim() > 1 and output_rows[0].numel() != 1:
+                raise ValueError(
+                    f"The model returns {tuple(output.shape[1:])} values per example; pass target= "
+                    "to say which one to explain."
+                )
+            return output.detach(), output_rows.detach().reshape(output_rows.shape[0])
+        positions = torch.arange(output_rows.numel(), device=output.device).view(output_rows.shape)
+        try:
+            chosen = _select_targets(positions, target)
+        except (IndexError, RuntimeError, AssertionError, ValueError) as err:
+            raise ValueError(
+                f"Invalid target {target!r} for model output of shape {tuple(output.shape)}: {err}"
+            ) from None
+        if chosen.dim() != 1 or chosen.shape[0] != output_rows.shape[0]:
+            raise ValueError(
+                f"target {target!r} does not select one value per example of an output of shape "
+                f"{tuple(output.shape)}"
+            )
+        mask = torch.zeros(output_rows.numel(), dtype=torch.bool, device=output.device)
+        mask[chosen] = True
+        mask = mask.view(output.shape)
+        seed = torch.where(mask, output.detach(), 0)
+        return seed, output_rows.detach().reshape(-1)[chosen]
+
+    @staticmethod
+    def _delta(attributions: tuple[Tensor, ...], selected: Tensor) -> Tensor:
+        total = sum(a.reshape(a.shape[0], -1).sum(1) for a in attributions)
+        return total - selected.to(total.dtype)
+
+    def compute_convergence_delta(
+        self,
+        attributions: Union[Tensor, tuple[Tensor, ...]],
+        inputs: TensorOrTupleOfTensorsGeneric,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+    ) -> Tensor:
+        r"""Per example, ``sum(attributions) - f_target(inputs)``.
+
+        For LRP this is minus the relevance absorbed by biases and constants; it is 0
+        (up to the stabiliser) for bias-free networks.
+
+        Args:
+            attributions (Tensor or tuple[Tensor, ...]): Output of :meth:`attribute`.
+            inputs (Tensor or tuple[Tensor, ...]): The inputs that were explained.
+            target, additional_forward_args: As in :meth:`attribute`.
+
+        Returns:
+            Tensor of shape ``(batch,)``.
+        """
+        attributions = _format_tensor_into_tuples(attributions)
+        formatted = _format_tensor_into_tuples(inputs)
+        extra = _format_additional_forward_args(additional_forward_args)
+        with torch.no_grad():
+            output = self.forward_func(*(formatted + tuple(extra) if extra is not None else formatted))
+        _, selected = self._seed(output, target)
+        return self._delta(attributions, selected)

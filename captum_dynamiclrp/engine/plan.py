@@ -1,0 +1,110 @@
+"""Cached promise paths: the compiled plan of one graph structure, and its bounded cache.
+
+A :class:`Plan` is a flat list of steps in traversal order: read a leaf, read a
+kept output, replay a forward (the resolved Promise Branches), apply a rule,
+capture a requested tensor's relevance. It refers to nodes by their index in the
+auxiliary graph, never to nodes or tensors, so a cached plan holds no memory of
+the call that made it. A later call whose graph has the same signature (node
+types, edges, output shapes, requested tensors) runs the steps directly: no
+pruning, no ordering, no promise search.
+
+:class:`PlanCache` is a small LRU keyed by the full signature; a lookup compares
+the whole key (dictionary equality), so a hash collision can never replay a
+stale plan.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Optional, Tuple
+
+from ..rules.base import OpSpec
+
+# A value source: ("kept", slot, 0) - the node kept this operand; ("edge", child, k) - output k
+# of node `child`, recovered earlier in the plan.
+Source = Tuple[str, int, int]
+
+LEAF, KEPT_OUTPUT, REPLAY, PROPAGATE, CAPTURE = range(5)
+
+
+@dataclass
+class Plan:
+    """Flat list of steps for one graph structure, plus what planning learnt about it.
+
+    Attributes:
+        steps: Tuples ``(kind, node, ...)``; see :mod:`.walker` for their meaning.
+        relevant: Number of nodes on a path from the output to a requested tensor.
+        total: Number of nodes in the graph.
+        promises: The Promise objects made while planning (indices only).
+        fallback_nodes: Type names of nodes handled by the opt-in fallback.
+    """
+
+    steps: list[tuple] = field(default_factory=list)
+    relevant: int = 0
+    total: int = 0
+    promises: list[Any] = field(default_factory=list)
+    fallback_nodes: list[str] = field(default_factory=list)
+
+    def add_leaf(self, node: int) -> None:
+        self.steps.append((LEAF, node))
+
+    def add_kept_output(self, node: int, spec: OpSpec) -> None:
+        self.steps.append((KEPT_OUTPUT, node, spec))
+
+    def add_replay(self, node: int, spec: OpSpec, sources: tuple) -> None:
+        self.steps.append((REPLAY, node, spec, sources))
+
+    def add_propagate(self, node: int, spec: OpSpec, sources: tuple, relevant: tuple, edges: tuple) -> None:
+        self.steps.append((PROPAGATE, node, spec, sources, relevant, edges))
+
+    def add_capture(self, node: int, output_nr: int, request: int) -> None:
+        self.steps.append((CAPTURE, node, output_nr, request))
+
+    def count(self, kind: int) -> int:
+        return sum(1 for step in self.steps if step[0] == kind)
+
+
+class PlanCache:
+    """Bounded, thread-safe LRU of plans keyed by graph signature.
+
+    Args:
+        maxsize (int): Number of plans kept; 0 disables caching.
+    """
+
+    def __init__(self, maxsize: int = 8) -> None:
+        if maxsize < 0:
+            raise ValueError("maxsize must be >= 0")
+        self.maxsize = maxsize
+        self._plans: "OrderedDict[tuple, Plan]" = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, signature: tuple) -> Optional[Plan]:
+        with self._lock:
+            plan = self._plans.get(signature)
+            if plan is None:
+                self.misses += 1
+                return None
+            self._plans.move_to_end(signature)
+            self.hits += 1
+            return plan
+
+    def put(self, signature: tuple, plan: Plan) -> None:
+        if self.maxsize == 0:
+            return
+        with self._lock:
+            self._plans[signature] = plan
+            self._plans.move_to_end(signature)
+            while len(self._plans) > self.maxsize:
+                self._plans.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._plans.clear()
+            self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._plans)

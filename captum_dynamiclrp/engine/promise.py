@@ -1,0 +1,215 @@
+"""Promise resolver: rebuild forward operands that autograd did not keep.
+
+Vocabulary (paper, Sec. 4.2 and Appendix C):
+
+* **Promise** - made at an *origin* node whose rule needs operands the node does
+  not keep. *Strict* promise-generating ops (add, sub, sum, mean, addmm whose
+  activation operand was not saved, ...) make one whenever their rule runs;
+  *dependent* ones (cat, stack, add, ... met *inside* a branch) make a nested
+  promise only because a branch needs their output and they have several
+  operands to recover. Nested promises form a **Promise Tree**.
+* **Promise Branch** - walks from one missing operand down the producer chain,
+  recording the nodes it passes (its *forward chain*), until it meets an
+  **Arg Node**: a leaf, a node that kept its result (``ReluBackward0``), a node
+  whose kept operands give its result by one replay (``GeluBackward0``,
+  ``AddmmBackward0``), or a node an earlier branch already resolved
+  (**aggregation**: several branches share one recovered value). The operand is
+  then the forward chain replayed upwards from the Arg Node.
+* **Pre-Promise** - the paper lets a branch "reach ahead" of the traversal
+  frontier to break the residual deadlock (Fig. 2). Rebuilding forward values
+  never needs relevance, so here *every* branch reaches ahead, at once, when its
+  origin is traversed; relevance itself is never deferred and reaches each node
+  on a branch later, in traversal order, exactly once. That is the paper's
+  Pre-Promise promotion applied uniformly, and it makes the deadlock impossible.
+
+Invariants (asserted in ``tests/test_promises.py``):
+
+1. every node's forward is replayed at most once per call (values are memoised),
+   so resolution costs O(nodes + edges) in total;
+2. a branch never walks into a node of an unfinished branch (branches are
+   resolved depth-first and the graph is acyclic);
+3. each branch ends at exactly one Arg Node or nested Promise.
+
+The resolver *plans*: it appends value steps (read a leaf, read a kept output,
+replay a forward) to the plan; the executor in :mod:`.walker` runs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Union
+
+from ..errors import UnrecoverableOperandError, UnsupportedOperationError
+from ..rules.base import OpSpec
+from .graph import LEAF_TYPE, AutogradGraph
+from .plan import Plan, Source
+
+
+@dataclass
+class PromiseBranch:
+    """One missing operand being recovered.
+
+    Attributes:
+        promise: The promise this branch belongs to.
+        start: First node of the branch (producer of the missing operand).
+        forward_chain: Nodes passed on the way down, origin side first; replayed in reverse.
+        arg: The Arg Node index, or the nested :class:`Promise` the branch ended in.
+        aggregated: True when the branch ended at a value another branch had already recovered.
+    """
+
+    promise: "Promise"
+    start: int
+    forward_chain: list[int] = field(default_factory=list)
+    arg: Union[int, "Promise", None] = None
+    aggregated: bool = False
+
+
+@dataclass
+class Promise:
+    """A node's request for operands it did not keep.
+
+    Attributes:
+        origin: Index of the origin node.
+        kind: ``"strict"`` (made by a rule) or ``"dependent"`` (made inside a branch).
+        parent: The branch this promise is nested in (Promise Tree), if any.
+        branches: One branch per missing operand slot.
+    """
+
+    origin: int
+    kind: str
+    parent: Optional[PromiseBranch] = None
+    branches: list[PromiseBranch] = field(default_factory=list)
+
+
+class PromiseResolver:
+    """Plans the recovery of forward values for one graph.
+
+    Args:
+        graph: The auxiliary graph.
+        table: Rule table (node type name to spec).
+        plan: Plan receiving the value steps.
+    """
+
+    def __init__(self, graph: AutogradGraph, table: Mapping[str, OpSpec], plan: Plan) -> None:
+        self.graph = graph
+        self.table = table
+        self.plan = plan
+        self.resolved: set[int] = set()
+        self.promises: list[Promise] = []
+        self.replays_per_node: dict[int, int] = {}
+
+    # -- per-node facts ---------------------------------------------------------------------
+    def _kept_inputs(self, node: int) -> tuple:
+        spec = self.table.get(self.graph.types[node])
+        if spec is None or spec.kept_inputs is None:
+            return (None,) * len(self.graph.edges[node])
+        return spec.kept_inputs(self.graph.nodes[node])
+
+    def input_sources(self, node: int, slots) -> list[Optional[Source]]:
+        """Where each listed input slot's value comes from; starts promises for missing ones."""
+        kept = self._kept_inputs(node)
+        sources: list[Optional[Source]] = [None] * len(self.graph.edges[node])
+        missing = []
+        for slot in slots:
+            child, k = self.graph.edges[node][slot]
+            if kept[slot] is not None:
+                sources[slot] = ("kept", slot, 0)
+            elif child >= 0:
+                sources[slot] = ("edge", child, k)
+                missing.append(child)
+        if missing:
+            promise = Promise(origin=node, kind="strict")
+            self.promises.append(promise)
+            for child in missing:
+                self._resolve_branch(PromiseBranch(promise, child))
+        return sources
+
+    # -- resolution ---------------------------------------------------------------------------
+    def _unknown_slots(self, node: int, kept: tuple) -> list[int]:
+        return [
+            slot
+            for slot, (child, _) in enumerate(self.graph.edges[node])
+            if kept[slot] is None and child >= 0 and child not in self.resolved
+        ]
+
+    def _emit_replay(self, node: int, kept: tuple) -> None:
+        sources: list[Optional[Source]] = []
+        for slot, (child, k) in enumerate(self.graph.edges[node]):
+            if kept[slot] is not None:
+                sources.append(("kept", slot, 0))
+            elif child >= 0:
+                sources.append(("edge", child, k))
+            else:
+                sources.append(None)
+        self.plan.add_replay(node, self.table[self.graph.types[node]], tuple(sources))
+        self._mark(node)
+
+    def _mark(self, node: int) -> None:
+        assert node not in self.resolved, "invariant 1: a node's value is recovered once"
+        self.resolved.add(node)
+        self.replays_per_node[node] = self.replays_per_node.get(node, 0) + 1
+
+    def _resolve_branch(self, first: PromiseBranch) -> None:
+        """Walk a branch (and any nested promises) to Arg Nodes, then plan the replays upwards."""
+        graph = self.graph
+        # Work items: ("walk", branch, node) | ("nested", branch, node) | ("finish", branch).
+        work: list[tuple] = [("walk", first, first.start)]
+        first.promise.branches.append(first)
+        while work:
+            item = work.pop()
+            kind, branch = item[0], item[1]
+            if kind == "finish":
+                for node in reversed(branch.forward_chain):
+                    self._emit_replay(node, self._kept_inputs(node))
+                continue
+            node = item[2]
+            if kind == "nested":
+                self._emit_replay(node, self._kept_inputs(node))
+                work.append(("finish", branch))
+                continue
+            # kind == "walk"
+            if node in self.resolved:
+                branch.arg, branch.aggregated = node, True
+                work.append(("finish", branch))
+                continue
+            name = graph.types[node]
+            if name == LEAF_TYPE:
+                self.plan.add_leaf(node)
+                self._mark(node)
+                branch.arg = node
+                work.append(("finish", branch))
+                continue
+            spec = self.table.get(name)
+            if spec is None:
+                raise UnsupportedOperationError(name)
+            if spec.kept_output is not None and spec.kept_output(graph.nodes[node]) is not None:
+                self.plan.add_kept_output(node, spec)
+                self._mark(node)
+                branch.arg = node
+                work.append(("finish", branch))
+                continue
+            if spec.forward is None:
+                raise UnrecoverableOperandError(f"{name} keeps no forward value and cannot be replayed")
+            kept = self._kept_inputs(node)
+            unknown = self._unknown_slots(node, kept)
+            if not unknown:
+                self._emit_replay(node, kept)
+                branch.arg = node
+                work.append(("finish", branch))
+            elif len(unknown) == 1:
+                branch.forward_chain.append(node)
+                work.append(("walk", branch, graph.edges[node][unknown[0]][0]))
+            else:
+                nested = Promise(origin=node, kind="dependent", parent=branch)
+                self.promises.append(nested)
+                branch.arg = nested
+                work.append(("nested", branch, node))
+                children = []
+                for slot in unknown:
+                    child = graph.edges[node][slot][0]
+                    if child not in children:
+                        children.append(child)
+                for child in reversed(children):
+                    sub = PromiseBranch(nested, child)
+                    nested.branches.insert(0, sub)
+                    work.append(("walk", sub, child))

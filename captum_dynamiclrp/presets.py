@@ -1,0 +1,89 @@
+"""Named rule sets.
+
+=========  ==================================================================  =========
+preset     rule on linear maps with a parameter (mm, addmm, conv)              conserves
+=========  ==================================================================  =========
+epsilon    epsilon-LRP (default; equals Input x Gradient as eps -> 0 on          biases
+           bias-free ReLU networks)                                             absorb
+gamma      generalised gamma-LRP, ``gamma=0.25`` (favours positive evidence)     biases
+                                                                                absorb
+zplus      z+-LRP (positive contributions only, negative biases ignored)        biases
+                                                                                absorb
+=========  ==================================================================  =========
+
+Every other op uses the same rule in all presets (see :mod:`captum_dynamiclrp.rules`).
+The default preset is ``"epsilon"`` with ``epsilon=1e-6``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Optional, Union
+
+from .rules.base import OpSpec, RuleSettings
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named rule set.
+
+    Args:
+        name (str): Name shown in reports.
+        linear (str): ``"epsilon"``, ``"gamma"`` or ``"zplus"`` for linear maps with a parameter.
+        epsilon (float): Stabiliser of every denominator.
+        gamma (float): Strength of the gamma rule.
+        overrides (Mapping[str, OpSpec]): Per-op rule table entries (autograd node type
+            name to :class:`~captum_dynamiclrp.rules.OpSpec`) replacing the built-in ones.
+    """
+
+    name: str
+    linear: str = "epsilon"
+    epsilon: float = 1e-6
+    gamma: float = 0.25
+    overrides: Mapping[str, OpSpec] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.linear not in ("epsilon", "gamma", "zplus"):
+            raise ValueError(f"unknown linear rule {self.linear!r}; use 'epsilon', 'gamma' or 'zplus'")
+        if not self.epsilon >= 0:
+            raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
+
+    def settings(self) -> RuleSettings:
+        return RuleSettings(epsilon=self.epsilon, linear=self.linear, gamma=self.gamma)
+
+
+PRESETS: dict[str, Preset] = {
+    "epsilon": Preset("epsilon"),
+    "gamma": Preset("gamma", linear="gamma"),
+    "zplus": Preset("zplus", linear="zplus"),
+}
+DEFAULT_PRESET = "epsilon"
+
+
+def resolve_preset(
+    rules: Union[str, Preset, Mapping[str, OpSpec], None] = None,
+    epsilon: Optional[float] = None,
+    gamma: Optional[float] = None,
+) -> Preset:
+    """Turn a preset name, a :class:`Preset` or a mapping of per-op overrides into a Preset.
+
+    ``epsilon`` and ``gamma``, when given, replace the preset's values.
+    """
+    if rules is None:
+        preset = PRESETS[DEFAULT_PRESET]
+    elif isinstance(rules, str):
+        if rules not in PRESETS:
+            raise ValueError(f"unknown preset {rules!r}; choose one of {sorted(PRESETS)}")
+        preset = PRESETS[rules]
+    elif isinstance(rules, Preset):
+        preset = rules
+    elif isinstance(rules, Mapping):
+        preset = replace(PRESETS[DEFAULT_PRESET], name="custom", overrides=dict(rules))
+    else:
+        raise TypeError(f"rules must be a preset name, a Preset or a mapping, got {type(rules).__name__}")
+    changes = {}
+    if epsilon is not None:
+        changes["epsilon"] = epsilon
+    if gamma is not None:
+        changes["gamma"] = gamma
+    return replace(preset, **changes) if changes else preset

@@ -1,0 +1,185 @@
+r"""Sums and products of activations.
+
+Sums (add, sub, sum, mean, average pools) use the epsilon rule on signed
+contributions. Every such op is linear in its operands,
+:math:`z = \sum_i J_i x_i`, so with :math:`s = R / \mathrm{stab}(z)`
+
+.. math:: R_{x_i} = x_i \odot J_i^\top s,
+
+and :math:`J_i^\top s` is the node's own vector-Jacobian product (which also
+sums over broadcast dimensions). A constant operand (a bias, a buffer) takes
+its share :math:`c\,s` with it; that share is what the conservation delta shows.
+
+Products (mul, div) use the bilinear uniform rule of AttnLRP: each activation
+operand gets half of the relevance; with one constant operand, the activation
+gets all of it.
+
+Sum ops keep no operands (``AddBackward0`` keeps only ``alpha``): they are the
+*strict* promise-generating ops whose operands the Promise System recovers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import UnrecoverableOperandError
+from .base import MaybeTensor, Node, OpSpec, RuleContext, needs_all_inputs, saved, signed_dim, stabilize, sum_to
+
+
+def contribution_epsilon_rule(ctx: RuleContext, z: Tensor) -> list[MaybeTensor]:
+    r"""Epsilon on contributions: :math:`R_{x_i} = x_i \odot J_i^\top (R / \mathrm{stab}(z))`."""
+    s = ctx.out / stabilize(z.to(ctx.dtype), ctx.settings.epsilon)
+    grads = ctx.node(s)
+    grads = (grads,) if isinstance(grads, Tensor) else grads
+    return [
+        x * g if (rel and x is not None and g is not None) else None
+        for x, g, rel in zip(ctx.inputs, grads, ctx.relevant)
+    ]
+
+
+def _known_sum(node: Node, inputs: list, sign: float) -> Tensor:
+    # z of a + alpha*b (sign=+1) or a - alpha*b (sign=-1). An operand autograd did not
+    # track and that is not recoverable (a python scalar, a buffer) enters as zero: it
+    # absorbs no relevance (documented limitation).
+    a, b = inputs
+    alpha = saved(node, "alpha")
+    if b is None:
+        return a
+    term = b if alpha == 1 else b * alpha
+    if a is None:
+        return sign * term
+    return a + term if sign > 0 else a - term
+
+
+def _replay_sum(sign: float):
+    def forward(node: Node, inputs: list) -> Tensor:
+        if any(x is None for x in inputs):
+            raise UnrecoverableOperandError(
+                f"{type(node).__name__}: an operand was neither tracked by autograd nor kept "
+                "(a constant tensor or python scalar), so its output cannot be replayed."
+            )
+        return _known_sum(node, inputs, sign)
+
+    return forward
+
+
+def _sum_rule(sign: float):
+    def rule(ctx: RuleContext) -> list[MaybeTensor]:
+        return contribution_epsilon_rule(ctx, _known_sum(ctx.node, ctx.inputs, sign))
+
+    return rule
+
+
+def _reduce_forward(reduce):
+    def forward(node: Node, inputs: list) -> Tensor:
+        dims = saved(node, "dim")
+        if dims is None:
+            return reduce(inputs[0])
+        dims = [signed_dim(d) for d in (dims if isinstance(dims, (tuple, list)) else (dims,))]
+        return reduce(inputs[0], dims, keepdim=saved(node, "keepdim"))
+
+    return forward
+
+
+def _avg_pool(node: Node, inputs: list) -> Tensor:
+    kernel = saved(node, "kernel_size")
+    pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[len(kernel)]
+    kwargs = dict(
+        kernel_size=kernel,
+        stride=saved(node, "stride") or kernel,
+        padding=saved(node, "padding"),
+        ceil_mode=saved(node, "ceil_mode"),
+        count_include_pad=saved(node, "count_include_pad"),
+    )
+    if pool is not F.avg_pool1d:
+        kwargs["divisor_override"] = saved(node, "divisor_override")
+    return pool(inputs[0], **kwargs)
+
+
+def _adaptive_avg_pool(spatial: int):
+    pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[spatial]
+
+    def forward(node: Node, inputs: list) -> Tensor:
+        return pool(inputs[0], tuple(node._input_metadata[0].shape[-spatial:]))
+
+    return forward
+
+
+def _reduction(forward, kept_inputs=None) -> OpSpec:
+    def rule(ctx: RuleContext) -> list[MaybeTensor]:
+        return contribution_epsilon_rule(ctx, forward(ctx.node, ctx.inputs))
+
+    return OpSpec(
+        family="epsilon (signed contributions)",
+        rule=rule,
+        needs=needs_all_inputs,
+        forward=forward,
+        kept_inputs=kept_inputs,
+    )
+
+
+def _kept_self(node: Node) -> tuple:
+    return (saved(node, "self"),)
+
+
+def product_uniform_rule(ctx: RuleContext) -> list[MaybeTensor]:
+    r"""Bilinear uniform (AttnLRP): :math:`R_a = R_b = R/2` for two activations, :math:`R_a = R` for one.
+
+    Broadcast operands collect the relevance of every element they were broadcast to.
+    """
+    share = 1.0 / max(1, sum(ctx.relevant))
+    r = ctx.out if share == 1.0 else ctx.out * share
+    result: list[MaybeTensor] = []
+    for (child, k), rel in zip(ctx.node.next_functions, ctx.relevant):
+        result.append(sum_to(r, child._input_metadata[k].shape) if rel else None)
+    return result
+
+
+def _product(forward, kept_inputs) -> OpSpec:
+    return OpSpec(
+        family="bilinear uniform (products)",
+        rule=product_uniform_rule,
+        forward=forward,
+        kept_inputs=kept_inputs,
+    )
+
+
+def _kept_self_other(node: Node) -> tuple:
+    return (saved(node, "self"), saved(node, "other"))
+
+
+def _kept_scalar_other(node: Node) -> tuple:
+    return (saved(node, "self"),)
+
+
+ARITHMETIC: dict[str, OpSpec] = {
+    "AddBackward0": OpSpec(
+        family="epsilon (signed contributions)",
+        rule=_sum_rule(+1.0),
+        needs=needs_all_inputs,
+        forward=_replay_sum(+1.0),
+    ),
+    "SubBackward0": OpSpec(
+        family="epsilon (signed contributions)",
+        rule=_sum_rule(-1.0),
+        needs=needs_all_inputs,
+        forward=_replay_sum(-1.0),
+    ),
+    # c - alpha * x with a scalar c that autograd did not keep: c absorbs nothing.
+    "RsubBackward1": OpSpec(family="epsilon (signed contributions)", rule=lambda ctx: (ctx.out,)),
+    "SumBackward0": _reduction(_reduce_forward(torch.sum)),
+    "SumBackward1": _reduction(_reduce_forward(torch.sum)),
+    "MeanBackward0": _reduction(_reduce_forward(torch.mean)),
+    "MeanBackward1": _reduction(_reduce_forward(torch.mean)),
+    "AvgPool2DBackward0": _reduction(_avg_pool, kept_inputs=_kept_self),
+    "AvgPool3DBackward0": _reduction(_avg_pool, kept_inputs=_kept_self),
+    "AdaptiveAvgPool2DBackward0": _reduction(_adaptive_avg_pool(2), kept_inputs=_kept_self),
+    "AdaptiveAvgPool3DBackward0": _reduction(_adaptive_avg_pool(3), kept_inputs=_kept_self),
+    "MulBackward0": _product(lambda n, x: x[0] * x[1], _kept_self_other),
+    "MulBackward1": _product(lambda n, x: x[0] * saved(n, "other"), _kept_scalar_other),
+    "DivBackward0": _product(lambda n, x: x[0] / x[1], _kept_self_other),
+    "DivBackward1": _product(lambda n, x: x[0] / saved(n, "other"), _kept_scalar_other),
+}
+

@@ -1,0 +1,155 @@
+"""The pieces every rule is made of: the op specification, the rule context, the stabiliser.
+
+A rule table entry (:class:`OpSpec`) says three things about one autograd node type:
+
+* ``rule``: how relevance at the node's output(s) is split over its input slots;
+* ``needs``: which forward operands (input slots) that rule reads;
+* how the node's forward value can be rebuilt: ``kept_output`` (autograd kept the
+  result: the node is an *Arg Node* of the Promise System), ``kept_inputs`` (the
+  operands autograd kept) and ``forward`` (replays the op on its operands).
+
+The engine never special-cases a node type: everything it knows about an op is here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+Node = Any  # torch.autograd.graph.Node; typed loosely because C++ nodes have no common Python base.
+MaybeTensor = Optional[Tensor]
+
+_UINT64 = 1 << 64
+
+
+def saved(node: Node, name: str) -> Any:
+    """Read ``node._saved_<name>``, returning ``None`` when autograd did not keep it."""
+    return getattr(node, "_saved_" + name, None)
+
+
+def signed_dim(dim: int) -> int:
+    """Autograd stores negative dims of some ops as unsigned 64-bit integers; undo that."""
+    return dim - _UINT64 if dim >= (1 << 63) else dim
+
+
+def stabilize(z: Tensor, eps: float) -> Tensor:
+    r"""Epsilon stabiliser :math:`z + \epsilon\,\mathrm{sign}(z)` with :math:`\mathrm{sign}(0) = +1`.
+
+    Never a bare ``z + eps``: a negative pre-activation must move away from zero too.
+    Runs on the device, with no host synchronisation.
+    """
+    return z + torch.where(z >= 0, eps, -eps).to(z.dtype)
+
+
+@dataclass(frozen=True)
+class RuleSettings:
+    """Numbers a preset hands to every rule.
+
+    Args:
+        epsilon (float): Stabiliser of every denominator.
+        linear (str): Rule for linear maps with a parameter operand (mm, addmm,
+            convolution): ``"epsilon"``, ``"gamma"`` or ``"zplus"``.
+        gamma (float): Strength of the gamma rule.
+    """
+
+    epsilon: float = 1e-6
+    linear: str = "epsilon"
+    gamma: float = 0.25
+
+
+@dataclass
+class RuleContext:
+    """What a rule sees of one autograd node during propagation.
+
+    Attributes:
+        node: The autograd node.
+        relevance: Relevance at each forward output of the node (``None`` where
+            nothing arrived), in the accumulation dtype.
+        relevant: For each input slot (``node.next_functions``), whether relevance
+            must flow into it: the slot leads to a requested tensor.
+        inputs: Forward operand values for the slots listed in the spec's
+            ``needs``, ``None`` elsewhere or where the operand is untracked and unknown.
+        settings: Numbers of the active preset.
+    """
+
+    node: Node
+    relevance: list[MaybeTensor]
+    relevant: tuple[bool, ...]
+    inputs: list[MaybeTensor]
+    settings: RuleSettings
+
+    @property
+    def out(self) -> Tensor:
+        """Relevance at the (single) output."""
+        r = self.relevance[0]
+        assert r is not None
+        return r
+
+    def filled_relevance(self) -> list[Tensor]:
+        """Relevance per output with zeros where none arrived (for calling the node's VJP)."""
+        filled = []
+        for k, r in enumerate(self.relevance):
+            if r is None:
+                meta = self.node._input_metadata[k]
+                r = torch.zeros(meta.shape, dtype=self.dtype, device=meta.device)
+            filled.append(r)
+        return filled
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for r in self.relevance:
+            if r is not None:
+                return r.dtype
+        return torch.float32
+
+
+RuleFn = Callable[[RuleContext], Sequence[MaybeTensor]]
+ForwardFn = Callable[[Node, list], Any]
+NeedsFn = Callable[[Node, tuple], tuple]
+
+
+def _needs_nothing(node: Node, relevant: tuple) -> tuple:
+    return ()
+
+
+def needs_all_inputs(node: Node, relevant: tuple) -> tuple:
+    """The rule reads every operand (relevant or not: constants enter denominators)."""
+    return tuple(range(len(node.next_functions)))
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One entry of the rule table.
+
+    Args:
+        family (str): Human-readable rule family, shown by the coverage report.
+        rule (RuleFn): Splits output relevance over input slots.
+        needs (NeedsFn): Input slots whose forward values the rule reads, given
+            the node and its ``relevant`` mask.
+        forward (ForwardFn, optional): Replays the op on operand values
+            (a list aligned with ``next_functions``); returns a tensor or a tuple
+            for multi-output ops. Needed only when the node sits on a Promise
+            Branch.
+        kept_inputs (callable, optional): Operand values autograd kept, one per
+            slot (``None`` where not kept).
+        kept_output (callable, optional): Output value(s) autograd kept; a node
+            with a kept output is an Arg Node.
+    """
+
+    family: str
+    rule: RuleFn
+    needs: NeedsFn = _needs_nothing
+    forward: Optional[ForwardFn] = None
+    kept_inputs: Optional[Callable[[Node], tuple]] = None
+    kept_output: Optional[Callable[[Node], Any]] = None
+    fallback: bool = field(default=False)
+
+
+def sum_to(t: Tensor, shape: Sequence[int]) -> Tensor:
+    """Sum a broadcast result back to an operand's shape."""
+    if tuple(t.shape) == tuple(shape):
+        return t
+    return t.sum_to_size(shape) if len(shape) > 0 else t.sum()
