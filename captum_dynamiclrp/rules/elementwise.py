@@ -64,6 +64,7 @@ ELEMENTWISE: dict[str, OpSpec] = {
         lambda n, x: F.softplus(x[0], saved(n, "beta"), saved(n, "threshold"))
     ),
     "MishBackward0": _from_input(lambda n, x: F.mish(x[0])),
+    "AbsBackward0": _from_input(lambda n, x: x[0].abs()),
     "NegBackward0": OpSpec(family="identity (elementwise)", rule=identity_rule, forward=lambda n, x: -x[0]),
     # Dropout in training mode (DynamicLRP warns): kept elements pass their relevance on.
     "NativeDropoutBackward0": OpSpec(family="identity (elementwise)", rule=identity_rule, forward=_dropout),

@@ -84,6 +84,7 @@ _SHAPE_ONLY = (
     "SqueezeBackward1",
     "SqueezeBackward2",
     "SqueezeBackward3",
+    "SqueezeBackward4",
     "UnsqueezeBackward0",
     "UnsqueezeBackward1",
 )
@@ -113,6 +114,10 @@ ROUTING.update(
         "UnbindBackward0": _routing(lambda n, x: x[0].unbind(signed_dim(saved(n, "dim")))),
         # Autograd does not keep the pad value; replay assumes the default zero padding.
         "ConstantPadNdBackward0": _routing(lambda n, x: F.pad(x[0], list(saved(n, "pad")))),
+        "FlipBackward0": _routing(lambda n, x: x[0].flip([signed_dim(d) for d in saved(n, "dims")])),
+        "RollBackward0": _routing(
+            lambda n, x: x[0].roll(list(saved(n, "shifts")), [signed_dim(d) for d in saved(n, "dims")])
+        ),
         "CloneBackward0": _routing(lambda n, x: x[0]),
         "AliasBackward0": _routing(lambda n, x: x[0]),
         "ToCopyBackward0": _routing(_to_copy),
