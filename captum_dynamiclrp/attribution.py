@@ -40,6 +40,21 @@ def _owning_module(forward_func: Callable) -> Optional[nn.Module]:
 
 
 @contextlib.contextmanager
+def _buffers_restored(module: Optional[nn.Module]) -> Iterator[None]:
+    """In training mode a forward updates batch-norm running statistics; put them back afterwards."""
+    if module is None or not any(m.training for m in module.modules()):
+        yield
+        return
+    saved_buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved_buffers:
+                buffer.copy_(value)
+
+
+@contextlib.contextmanager
 def _parameters_tracked(module: Optional[nn.Module]) -> Iterator[None]:
     """Let frozen parameters require grad during the forward, restoring every flag afterwards.
 
@@ -219,7 +234,7 @@ class DynamicLRP(Attribution):
             warnings.warn(
                 "The model is in training mode: dropout and batch-norm batch statistics make "
                 "attributions random and batch-dependent. Call model.eval() first.",
-                stacklevel=2,
+                stacklevel=3,  # the caller, past captum.log.log_usage
             )
 
         # Work on fresh leaves so the user's tensors and their flags are never touched.
@@ -229,7 +244,7 @@ class DynamicLRP(Attribution):
             args = leaves + tuple(extra) if extra is not None else leaves
             return self.forward_func(*args)
 
-        with torch.enable_grad(), _parameters_tracked(module):
+        with torch.enable_grad(), _parameters_tracked(module), _buffers_restored(module):
             output = run_forward()
             if not isinstance(output, Tensor):
                 raise TypeError(

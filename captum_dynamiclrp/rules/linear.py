@@ -147,7 +147,9 @@ class ConvolutionOp(BilinearOp):
         return bias.view(-1, *([1] * spatial))
 
     def has_unknown_bias(self, node: Node, inputs: list) -> bool:
-        return inputs[2] is None and saved(node, "bias_sym_sizes_opt") is not None
+        # Without a bias autograd records its size as (0,); a frozen bias keeps its real size.
+        sizes = saved(node, "bias_sym_sizes_opt")
+        return inputs[2] is None and sizes is not None and tuple(sizes) != (0,)
 
     def kept(self, node: Node) -> tuple:
         return (saved(node, "input"), saved(node, "weight"), None)
