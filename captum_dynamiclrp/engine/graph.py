@@ -97,13 +97,18 @@ def build_graph(root: Node, requests: Sequence[Tensor]) -> AutogradGraph:
     return AutogradGraph(nodes=nodes, types=types, edges=edges, sinks=sinks, signature=signature)
 
 
-def relevant_nodes(graph: AutogradGraph) -> list[bool]:
-    """Mark nodes on a path from the root to a sink (reverse breadth-first search, O(n + m))."""
-    consumers: list[list[int]] = [[] for _ in graph.nodes]
+def consumer_edges(graph: AutogradGraph) -> list[list[tuple[int, int]]]:
+    """For each node, the ``(consumer index, input slot)`` pairs that read one of its outputs."""
+    consumers: list[list[tuple[int, int]]] = [[] for _ in graph.nodes]
     for i, node_edges in enumerate(graph.edges):
-        for child, _ in node_edges:
+        for slot, (child, _) in enumerate(node_edges):
             if child >= 0:
-                consumers[child].append(i)
+                consumers[child].append((i, slot))
+    return consumers
+
+
+def relevant_nodes(graph: AutogradGraph, consumers: list[list[tuple[int, int]]]) -> list[bool]:
+    """Mark nodes on a path from the root to a sink (reverse breadth-first search, O(n + m))."""
     reach = [False] * len(graph.nodes)
     frontier = []
     for node, _, _ in graph.sinks:
@@ -112,7 +117,7 @@ def relevant_nodes(graph: AutogradGraph) -> list[bool]:
             frontier.append(node)
     while frontier:
         node = frontier.pop()
-        for consumer in consumers[node]:
+        for consumer, _ in consumers[node]:
             if not reach[consumer]:
                 reach[consumer] = True
                 frontier.append(consumer)

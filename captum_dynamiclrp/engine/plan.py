@@ -56,8 +56,10 @@ class Plan:
     def add_replay(self, node: int, spec: OpSpec, sources: tuple) -> None:
         self.steps.append((REPLAY, node, spec, sources))
 
-    def add_propagate(self, node: int, spec: OpSpec, sources: tuple, relevant: tuple, edges: tuple) -> None:
-        self.steps.append((PROPAGATE, node, spec, sources, relevant, edges))
+    def add_propagate(
+        self, node: int, spec: OpSpec, sources: tuple, relevant: tuple, edges: tuple, output_source: Optional[tuple]
+    ) -> None:
+        self.steps.append((PROPAGATE, node, spec, sources, relevant, edges, output_source))
 
     def add_capture(self, node: int, output_nr: int, request: int) -> None:
         self.steps.append((CAPTURE, node, output_nr, request))

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..errors import DynamicLRPError, UnsupportedOperationError
 from ..rules.base import OpSpec, RuleContext, RuleSettings
-from .graph import LEAF_TYPE, AutogradGraph, relevant_nodes
+from .graph import LEAF_TYPE, AutogradGraph, consumer_edges, relevant_nodes
 from .plan import CAPTURE, KEPT_OUTPUT, LEAF, PROPAGATE, REPLAY, Plan
 from .promise import PromiseResolver
 
@@ -31,7 +31,8 @@ class NotConnectedError(DynamicLRPError):
 
 def build_plan(graph: AutogradGraph, table: Mapping[str, OpSpec], fallback: Optional[OpSpec] = None) -> Plan:
     """Traverse the pruned graph in Kahn order (depth-first among ready nodes) and plan every step."""
-    reach = relevant_nodes(graph)
+    consumers = consumer_edges(graph)
+    reach = relevant_nodes(graph, consumers)
     if not reach[0]:
         raise NotConnectedError(
             "The output does not depend on any of the requested inputs (no autograd path connects "
@@ -65,7 +66,8 @@ def build_plan(graph: AutogradGraph, table: Mapping[str, OpSpec], fallback: Opti
                 spec = fallback
                 plan.fallback_nodes.append(types[i])
             sources = resolver.input_sources(i, spec.needs(nodes[i], relevant))
-            plan.add_propagate(i, spec, tuple(sources), relevant, edges[i])
+            output_source = _output_kept_by_consumer(graph, table, consumers[i], i) if spec.uses_output else None
+            plan.add_propagate(i, spec, tuple(sources), relevant, edges[i], output_source)
         # Depth-first heuristic: push in reverse so the first operand is explored first.
         for slot in range(len(edges[i]) - 1, -1, -1):
             child = edges[i][slot][0]
@@ -75,6 +77,20 @@ def build_plan(graph: AutogradGraph, table: Mapping[str, OpSpec], fallback: Opti
                     ready.append(child)
     plan.promises = resolver.promises
     return plan
+
+
+def _output_kept_by_consumer(
+    graph: AutogradGraph, table: Mapping[str, OpSpec], consumers: list[tuple[int, int]], node: int
+) -> Optional[tuple]:
+    """A consumer that kept output 0 of ``node`` as its operand, as ``(consumer, slot, spec)``."""
+    for consumer, slot in consumers:
+        if graph.edges[consumer][slot][1] != 0:
+            continue
+        spec = table.get(graph.types[consumer])
+        if spec is not None and spec.kept_inputs is not None:
+            if spec.kept_inputs(graph.nodes[consumer])[slot] is not None:
+                return (consumer, slot, spec)
+    return None
 
 
 def _as_tuple(value) -> tuple:
@@ -114,9 +130,15 @@ def execute(
     for step in plan.steps:
         kind, i = step[0], step[1]
         if kind == PROPAGATE:
-            _, _, spec, sources, relevant, edges = step
+            _, _, spec, sources, relevant, edges, output_source = step
             node = nodes[i]
-            ctx = RuleContext(node, relevance.pop(i), relevant, _fetch(sources, node, spec, values), settings)
+            output = None
+            if output_source is not None:
+                consumer, slot, consumer_spec = output_source
+                output = consumer_spec.kept_inputs(nodes[consumer])[slot]
+            ctx = RuleContext(
+                node, relevance.pop(i), relevant, _fetch(sources, node, spec, values), settings, output
+            )
             for slot, r in enumerate(spec.rule(ctx)):
                 if r is None or not relevant[slot]:
                     continue

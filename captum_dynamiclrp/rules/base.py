@@ -36,12 +36,13 @@ def signed_dim(dim: int) -> int:
 
 
 def stabilize(z: Tensor, eps: float) -> Tensor:
-    r"""Epsilon stabiliser :math:`z + \epsilon\,\mathrm{sign}(z)` with :math:`\mathrm{sign}(0) = +1`.
+    r"""Epsilon stabiliser :math:`z + \epsilon\,\mathrm{sign}(z)` with :math:`\mathrm{sign}(+0) = +1`.
 
     Never a bare ``z + eps``: a negative pre-activation must move away from zero too.
-    Runs on the device, with no host synchronisation.
+    Two elementwise passes (``copysign`` then ``add``) and no host synchronisation;
+    IEEE ``copysign`` gives a negative zero the sign -1.
     """
-    return z + torch.where(z >= 0, eps, -eps).to(z.dtype)
+    return z + torch.copysign(torch.tensor(eps, dtype=z.dtype), z)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ class RuleContext:
         inputs: Forward operand values for the slots listed in the spec's
             ``needs``, ``None`` elsewhere or where the operand is untracked and unknown.
         settings: Numbers of the active preset.
+        output: The node's (first) forward output where a consumer kept it as its
+            operand (e.g. batch norm keeps the convolution output before it), for
+            specs with ``uses_output``; ``None`` otherwise. Saves recomputing it.
     """
 
     node: Node
@@ -80,6 +84,7 @@ class RuleContext:
     relevant: tuple[bool, ...]
     inputs: list[MaybeTensor]
     settings: RuleSettings
+    output: MaybeTensor = None
 
     @property
     def out(self) -> Tensor:
@@ -137,6 +142,8 @@ class OpSpec:
             slot (``None`` where not kept).
         kept_output (callable, optional): Output value(s) autograd kept; a node
             with a kept output is an Arg Node.
+        uses_output (bool): The rule can use its own output value (``ctx.output``)
+            instead of recomputing it, when a consumer kept that value.
     """
 
     family: str
@@ -145,6 +152,7 @@ class OpSpec:
     forward: Optional[ForwardFn] = None
     kept_inputs: Optional[Callable[[Node], tuple]] = None
     kept_output: Optional[Callable[[Node], Any]] = None
+    uses_output: bool = False
     fallback: bool = field(default=False)
 
 

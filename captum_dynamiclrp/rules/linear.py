@@ -164,8 +164,11 @@ def _minus(t: Tensor) -> Tensor:
 
 
 def _linear_relevance(op: BilinearOp, node: Node, x_is_a: bool, x: Tensor, w: Tensor, bias: MaybeTensor,
-                      relevance: Tensor, settings: RuleSettings) -> Tensor:
-    """The preset's rule for one activation ``x`` against a parameter operand ``w``."""
+                      relevance: Tensor, settings: RuleSettings, output: MaybeTensor) -> Tensor:
+    """The preset's rule for one activation ``x`` against a parameter operand ``w``.
+
+    ``output`` is the op's forward output if a consumer kept it (saves one forward product).
+    """
 
     def apply(xv: Tensor, wv: Tensor) -> Tensor:
         return op.apply(node, xv, wv) if x_is_a else op.apply(node, wv, xv)
@@ -178,9 +181,11 @@ def _linear_relevance(op: BilinearOp, node: Node, x_is_a: bool, x: Tensor, w: Te
     eps = settings.epsilon
     dtype = relevance.dtype
     if settings.linear == "epsilon":
-        z = apply(x, w)
-        if bias is not None:
-            z = z + bias
+        z = output
+        if z is None:
+            z = apply(x, w)
+            if bias is not None:
+                z = z + bias
         s = relevance / stabilize(z.to(dtype), eps)
         return x.to(dtype) * grad(s, x, w)
 
@@ -196,7 +201,9 @@ def _linear_relevance(op: BilinearOp, node: Node, x_is_a: bool, x: Tensor, w: Te
     if settings.linear == "gamma":
         g = settings.gamma
         w_up, w_down = w + g * _plus(w), w + g * _minus(w)
-        out = apply(x, w) if bias is None else apply(x, w) + bias
+        out = output
+        if out is None:
+            out = apply(x, w) if bias is None else apply(x, w) + bias
         positive = out > 0
         # Pairs that raise a positive output (x+ with w_up, x- with w_down) and a negative one.
         z_pos = apply(x_pos, w_up) + apply(x_neg, w_down)
@@ -221,17 +228,19 @@ def _bilinear_rule(op: BilinearOp) -> Callable[[RuleContext], list]:
         result: list[MaybeTensor] = [None] * len(node.next_functions)
         if rel_a and rel_b:
             # Two activations: bilinear uniform, half of the epsilon share to each.
-            z = op.apply(node, a, b)
-            if bias is not None:
-                z = z + bias
+            z = ctx.output
+            if z is None:
+                z = op.apply(node, a, b)
+                if bias is not None:
+                    z = z + bias
             s = ctx.out / stabilize(z.to(ctx.dtype), ctx.settings.epsilon) * 0.5
             ga, gb = op.grads(node, s, a, b, True, True)
             result[op.a_slot] = a.to(ctx.dtype) * ga
             result[op.b_slot] = b.to(ctx.dtype) * gb
         elif rel_a:
-            result[op.a_slot] = _linear_relevance(op, node, True, a, b, bias, ctx.out, ctx.settings)
+            result[op.a_slot] = _linear_relevance(op, node, True, a, b, bias, ctx.out, ctx.settings, ctx.output)
         elif rel_b:
-            result[op.b_slot] = _linear_relevance(op, node, False, b, a, bias, ctx.out, ctx.settings)
+            result[op.b_slot] = _linear_relevance(op, node, False, b, a, bias, ctx.out, ctx.settings, ctx.output)
         return result
 
     return rule
@@ -259,6 +268,7 @@ def _spec(op: BilinearOp) -> OpSpec:
         needs=needs_all_inputs,
         forward=_bilinear_forward(op),
         kept_inputs=op.kept,
+        uses_output=True,
     )
 
 
