@@ -158,7 +158,7 @@ class DynamicLRP(Attribution):
         self.preset = resolve_preset(rules, epsilon=epsilon, gamma=gamma)
         self.engine = Engine(
             settings=self.preset.settings(),
-            overrides=self.preset.overrides,
+            overrides=self.preset.table_overrides(),
             fallback=fallback,
             cache_size=cache_size,
         )

@@ -1,18 +1,24 @@
 """Named rule sets.
 
-=========  ==================================================================  =========
-preset     rule on linear maps with a parameter (mm, addmm, conv)              conserves
-=========  ==================================================================  =========
-epsilon    epsilon-LRP (default; equals Input x Gradient as eps -> 0 on          biases
-           bias-free ReLU networks)                                             absorb
-gamma      generalised gamma-LRP, ``gamma=0.25`` (favours positive evidence)     biases
-                                                                                absorb
-zplus      z+-LRP (positive contributions only, negative biases ignored)        biases
-                                                                                absorb
-=========  ==================================================================  =========
+=========  ===========================================================================
+preset     what changes
+=========  ===========================================================================
+epsilon    default. Epsilon-LRP on linear maps with a parameter (mm, addmm, conv);
+           equals Input x Gradient as eps -> 0 on ReLU networks.
+gamma      generalised gamma-LRP (``gamma=0.25``) on linear maps with a parameter.
+zplus      z+-LRP (positive contributions only) on linear maps with a parameter.
+attnlrp    AttnLRP (Achtibat et al. 2024): epsilon on linear maps and sums, identity
+           on nonlinearities and RMS norm, constant normaliser in layer norm,
+           bilinear uniform on products of two activations, Deep-Taylor softmax.
+           These are also the rules every other preset uses for those ops, so
+           ``attnlrp`` equals ``epsilon`` op by op; it is named for transformers.
+cp-lrp     as attnlrp, but attention probabilities are constants (Ali et al. 2022):
+           relevance flows through the values only.
+=========  ===========================================================================
 
-Every other op uses the same rule in all presets (see :mod:`captum_dynamiclrp.rules`).
-The default preset is ``"epsilon"`` with ``epsilon=1e-6``.
+Every op not named here uses the same rule in all presets (see
+:mod:`captum_dynamiclrp.rules`). The default preset is ``"epsilon"`` with
+``epsilon=1e-6``, fit for CNNs and transformers alike.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional, Union
 
+from .rules.attention import CP_LRP_OVERRIDES
 from .rules.base import OpSpec, RuleSettings
 
 
@@ -32,6 +39,7 @@ class Preset:
         linear (str): ``"epsilon"``, ``"gamma"`` or ``"zplus"`` for linear maps with a parameter.
         epsilon (float): Stabiliser of every denominator.
         gamma (float): Strength of the gamma rule.
+        attention (str): ``"attnlrp"`` or ``"cp"`` (attention probabilities constant).
         overrides (Mapping[str, OpSpec]): Per-op rule table entries (autograd node type
             name to :class:`~captum_dynamiclrp.rules.OpSpec`) replacing the built-in ones.
     """
@@ -40,22 +48,32 @@ class Preset:
     linear: str = "epsilon"
     epsilon: float = 1e-6
     gamma: float = 0.25
+    attention: str = "attnlrp"
     overrides: Mapping[str, OpSpec] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.linear not in ("epsilon", "gamma", "zplus"):
             raise ValueError(f"unknown linear rule {self.linear!r}; use 'epsilon', 'gamma' or 'zplus'")
+        if self.attention not in ("attnlrp", "cp"):
+            raise ValueError(f"unknown attention rule {self.attention!r}; use 'attnlrp' or 'cp'")
         if not self.epsilon >= 0:
             raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
 
     def settings(self) -> RuleSettings:
-        return RuleSettings(epsilon=self.epsilon, linear=self.linear, gamma=self.gamma)
+        return RuleSettings(epsilon=self.epsilon, linear=self.linear, gamma=self.gamma, attention=self.attention)
+
+    def table_overrides(self) -> dict[str, OpSpec]:
+        """Rule table entries this preset replaces (CP-LRP's constant softmax, then user overrides)."""
+        base = dict(CP_LRP_OVERRIDES) if self.attention == "cp" else {}
+        return {**base, **self.overrides}
 
 
 PRESETS: dict[str, Preset] = {
     "epsilon": Preset("epsilon"),
     "gamma": Preset("gamma", linear="gamma"),
     "zplus": Preset("zplus", linear="zplus"),
+    "attnlrp": Preset("attnlrp"),
+    "cp-lrp": Preset("cp-lrp", attention="cp"),
 }
 DEFAULT_PRESET = "epsilon"
 

@@ -124,7 +124,9 @@ class Engine:
             self.cache.put(graph.signature, plan)
         self.last_run = RunInfo(plan=plan, cached=cached)
         with torch.no_grad():
-            results = execute(plan, graph, seed, output.output_nr, len(requests), self.settings)
+            results = execute(
+                plan, graph, seed, output.detach(), output.output_nr, len(requests), self.settings
+            )
         return tuple(
             torch.zeros(t.shape, dtype=dtype, device=t.device) if r is None else r
             for t, r in zip(requests, results)

@@ -16,7 +16,7 @@ pruned and does no work.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import AbstractSet, Any, Sequence
 
 from torch import Tensor
 
@@ -107,18 +107,35 @@ def consumer_edges(graph: AutogradGraph) -> list[list[tuple[int, int]]]:
     return consumers
 
 
-def relevant_nodes(graph: AutogradGraph, consumers: list[list[tuple[int, int]]]) -> list[bool]:
-    """Mark nodes on a path from the root to a sink (reverse breadth-first search, O(n + m))."""
-    reach = [False] * len(graph.nodes)
+def relevant_nodes(
+    graph: AutogradGraph, consumers: list[list[tuple[int, int]]], cut: AbstractSet[tuple[int, int]]
+) -> list[bool]:
+    """Mark nodes on a path from the root to a sink, in O(n + m).
+
+    A node is relevant if the root reaches it and it reaches a sink, both without crossing
+    an edge in ``cut`` (``(consumer, slot)`` pairs whose operand a rule treats as a
+    constant: a normaliser statistic, attention probabilities under CP-LRP).
+    """
+    reaches_sink = [False] * len(graph.nodes)
     frontier = []
     for node, _, _ in graph.sinks:
-        if not reach[node]:
-            reach[node] = True
+        if not reaches_sink[node]:
+            reaches_sink[node] = True
             frontier.append(node)
     while frontier:
         node = frontier.pop()
-        for consumer, _ in consumers[node]:
-            if not reach[consumer]:
-                reach[consumer] = True
+        for consumer, slot in consumers[node]:
+            if not reaches_sink[consumer] and (consumer, slot) not in cut:
+                reaches_sink[consumer] = True
                 frontier.append(consumer)
+    reach = [False] * len(graph.nodes)
+    if reaches_sink[0]:
+        reach[0] = True
+        frontier = [0]
+    while frontier:
+        node = frontier.pop()
+        for slot, (child, _) in enumerate(graph.edges[node]):
+            if child >= 0 and reaches_sink[child] and not reach[child] and (node, slot) not in cut:
+                reach[child] = True
+                frontier.append(child)
     return reach

@@ -24,9 +24,11 @@ from ..rules.base import OpSpec
 
 # A value source: ("kept", slot, 0) - the node kept this operand; ("edge", child, k) - output k
 # of node `child`, recovered earlier in the plan.
+# An output source (a rule's own output value): ("consumer", consumer, slot, spec) - a consumer
+# kept it as its operand; ("root",) - it is the explained output itself.
 Source = Tuple[str, int, int]
 
-LEAF, KEPT_OUTPUT, REPLAY, PROPAGATE, CAPTURE = range(5)
+LEAF, KEPT_OUTPUT, REPLAY, PROPAGATE, CAPTURE, KEPT_BY_CONSUMER = range(6)
 
 
 @dataclass
@@ -52,6 +54,9 @@ class Plan:
 
     def add_kept_output(self, node: int, spec: OpSpec) -> None:
         self.steps.append((KEPT_OUTPUT, node, spec))
+
+    def add_kept_by_consumer(self, node: int, consumer: int, slot: int, spec: OpSpec) -> None:
+        self.steps.append((KEPT_BY_CONSUMER, node, consumer, slot, spec))
 
     def add_replay(self, node: int, spec: OpSpec, sources: tuple) -> None:
         self.steps.append((REPLAY, node, spec, sources))

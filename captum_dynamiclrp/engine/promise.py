@@ -37,12 +37,26 @@ replay a forward) to the plan; the executor in :mod:`.walker` runs them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Union
+from typing import Mapping, Optional, Sequence, Union
 
 from ..errors import UnrecoverableOperandError, UnsupportedOperationError
 from ..rules.base import OpSpec
 from .graph import LEAF_TYPE, AutogradGraph
 from .plan import Plan, Source
+
+
+def output_kept_by_consumer(
+    graph: AutogradGraph, table: Mapping[str, OpSpec], consumers: list[tuple[int, int]]
+) -> Optional[tuple]:
+    """A consumer that kept a node's output 0 as its operand, as ``(consumer, slot, spec)``."""
+    for consumer, slot in consumers:
+        if graph.edges[consumer][slot][1] != 0:
+            continue
+        spec = table.get(graph.types[consumer])
+        if spec is not None and spec.kept_inputs is not None:
+            if spec.kept_inputs(graph.nodes[consumer])[slot] is not None:
+                return (consumer, slot, spec)
+    return None
 
 
 @dataclass
@@ -90,8 +104,15 @@ class PromiseResolver:
         plan: Plan receiving the value steps.
     """
 
-    def __init__(self, graph: AutogradGraph, table: Mapping[str, OpSpec], plan: Plan) -> None:
+    def __init__(
+        self,
+        graph: AutogradGraph,
+        table: Mapping[str, OpSpec],
+        plan: Plan,
+        consumers: Sequence[Sequence[tuple[int, int]]],
+    ) -> None:
         self.graph = graph
+        self.consumers = consumers
         self.table = table
         self.plan = plan
         self.resolved: set[int] = set()
@@ -123,6 +144,11 @@ class PromiseResolver:
             for child in missing:
                 self._resolve_branch(PromiseBranch(promise, child))
         return sources
+
+    def _kept_by_consumer(self, node: int) -> Optional[tuple]:
+        if len(self.graph.nodes[node]._input_metadata) != 1:
+            return None
+        return output_kept_by_consumer(self.graph, self.table, self.consumers[node])
 
     # -- resolution ---------------------------------------------------------------------------
     def _unknown_slots(self, node: int, kept: tuple) -> list[int]:
@@ -184,6 +210,14 @@ class PromiseResolver:
                 raise UnsupportedOperationError(name)
             if spec.kept_output is not None and spec.kept_output(graph.nodes[node]) is not None:
                 self.plan.add_kept_output(node, spec)
+                self._mark(node)
+                branch.arg = node
+                work.append(("finish", branch))
+                continue
+            # A consumer that kept this node's output as its operand makes it an Arg Node too.
+            found = self._kept_by_consumer(node)
+            if found is not None:
+                self.plan.add_kept_by_consumer(node, *found)
                 self._mark(node)
                 branch.arg = node
                 work.append(("finish", branch))

@@ -21,8 +21,8 @@ from torch import Tensor
 from ..errors import DynamicLRPError, UnsupportedOperationError
 from ..rules.base import OpSpec, RuleContext, RuleSettings
 from .graph import LEAF_TYPE, AutogradGraph, consumer_edges, relevant_nodes
-from .plan import CAPTURE, KEPT_OUTPUT, LEAF, PROPAGATE, REPLAY, Plan
-from .promise import PromiseResolver
+from .plan import CAPTURE, KEPT_BY_CONSUMER, KEPT_OUTPUT, LEAF, PROPAGATE, REPLAY, Plan
+from .promise import PromiseResolver, output_kept_by_consumer
 
 
 class NotConnectedError(DynamicLRPError):
@@ -32,7 +32,8 @@ class NotConnectedError(DynamicLRPError):
 def build_plan(graph: AutogradGraph, table: Mapping[str, OpSpec], fallback: Optional[OpSpec] = None) -> Plan:
     """Traverse the pruned graph in Kahn order (depth-first among ready nodes) and plan every step."""
     consumers = consumer_edges(graph)
-    reach = relevant_nodes(graph, consumers)
+    cut = constant_edges(graph, table, consumers)
+    reach = relevant_nodes(graph, consumers, cut)
     if not reach[0]:
         raise NotConnectedError(
             "The output does not depend on any of the requested inputs (no autograd path connects "
@@ -43,21 +44,23 @@ def build_plan(graph: AutogradGraph, table: Mapping[str, OpSpec], fallback: Opti
     pending = [0] * len(nodes)
     for i, node_edges in enumerate(edges):
         if reach[i]:
-            for child, _ in node_edges:
-                if child >= 0 and reach[child]:
+            for slot, (child, _) in enumerate(node_edges):
+                if child >= 0 and reach[child] and (i, slot) not in cut:
                     pending[child] += 1
     sinks: dict[int, list[tuple[int, int]]] = {}
     for node, output_nr, request in graph.sinks:
         sinks.setdefault(node, []).append((output_nr, request))
 
     plan = Plan(relevant=sum(reach), total=len(nodes))
-    resolver = PromiseResolver(graph, table, plan)
+    resolver = PromiseResolver(graph, table, plan, consumers)
     ready = [0]
     while ready:
         i = ready.pop()
         for output_nr, request in sinks.get(i, ()):
             plan.add_capture(i, output_nr, request)
-        relevant = tuple(child >= 0 and reach[child] for child, _ in edges[i])
+        relevant = tuple(
+            child >= 0 and reach[child] and (i, slot) not in cut for slot, (child, _) in enumerate(edges[i])
+        )
         if types[i] != LEAF_TYPE and any(relevant):
             spec = table.get(types[i])
             if spec is None:
@@ -66,12 +69,15 @@ def build_plan(graph: AutogradGraph, table: Mapping[str, OpSpec], fallback: Opti
                 spec = fallback
                 plan.fallback_nodes.append(types[i])
             sources = resolver.input_sources(i, spec.needs(nodes[i], relevant))
-            output_source = _output_kept_by_consumer(graph, table, consumers[i], i) if spec.uses_output else None
+            output_source = None
+            if spec.uses_output:
+                found = output_kept_by_consumer(graph, table, consumers[i])
+                output_source = ("consumer",) + found if found else (("root",) if i == 0 else None)
             plan.add_propagate(i, spec, tuple(sources), relevant, edges[i], output_source)
         # Depth-first heuristic: push in reverse so the first operand is explored first.
         for slot in range(len(edges[i]) - 1, -1, -1):
             child = edges[i][slot][0]
-            if child >= 0 and reach[child]:
+            if relevant[slot]:
                 pending[child] -= 1
                 if pending[child] == 0:
                     ready.append(child)
@@ -79,18 +85,24 @@ def build_plan(graph: AutogradGraph, table: Mapping[str, OpSpec], fallback: Opti
     return plan
 
 
-def _output_kept_by_consumer(
-    graph: AutogradGraph, table: Mapping[str, OpSpec], consumers: list[tuple[int, int]], node: int
-) -> Optional[tuple]:
-    """A consumer that kept output 0 of ``node`` as its operand, as ``(consumer, slot, spec)``."""
-    for consumer, slot in consumers:
-        if graph.edges[consumer][slot][1] != 0:
+def constant_edges(
+    graph: AutogradGraph, table: Mapping[str, OpSpec], consumers: list[list[tuple[int, int]]]
+) -> set[tuple[int, int]]:
+    """Edges ``(consumer, slot)`` that carry no relevance: operands a rule treats as constants.
+
+    A ``constant`` spec (CP-LRP's softmax) cuts every edge into it; a spec's
+    ``constant_slots`` (a product's normaliser factor) cuts single slots.
+    """
+    cut: set[tuple[int, int]] = set()
+    for i, (node, name) in enumerate(zip(graph.nodes, graph.types)):
+        spec = table.get(name)
+        if spec is None:
             continue
-        spec = table.get(graph.types[consumer])
-        if spec is not None and spec.kept_inputs is not None:
-            if spec.kept_inputs(graph.nodes[consumer])[slot] is not None:
-                return (consumer, slot, spec)
-    return None
+        if spec.constant:
+            cut.update(consumers[i])
+        if spec.constant_slots is not None:
+            cut.update((i, slot) for slot, flag in enumerate(spec.constant_slots(node)) if flag)
+    return cut
 
 
 def _as_tuple(value) -> tuple:
@@ -116,11 +128,15 @@ def execute(
     plan: Plan,
     graph: AutogradGraph,
     seed: Tensor,
+    root_output: Tensor,
     seed_output_nr: int,
     num_requests: int,
     settings: RuleSettings,
 ) -> list[Optional[Tensor]]:
-    """Run a plan: recover values, apply rules in traversal order, collect relevance at the sinks."""
+    """Run a plan: recover values, apply rules in traversal order, collect relevance at the sinks.
+
+    ``root_output`` is the (detached) explained tensor, output ``seed_output_nr`` of the root node.
+    """
     nodes = graph.nodes
     dtype = seed.dtype
     values: dict[int, tuple] = {}
@@ -132,13 +148,17 @@ def execute(
         if kind == PROPAGATE:
             _, _, spec, sources, relevant, edges, output_source = step
             node = nodes[i]
+            arrived = relevance.pop(i, None)
+            if arrived is None:  # nothing reached this node (all of it went elsewhere)
+                continue
             output = None
             if output_source is not None:
-                consumer, slot, consumer_spec = output_source
-                output = consumer_spec.kept_inputs(nodes[consumer])[slot]
-            ctx = RuleContext(
-                node, relevance.pop(i), relevant, _fetch(sources, node, spec, values), settings, output
-            )
+                if output_source[0] == "root":
+                    output = root_output if seed_output_nr == 0 else None
+                else:
+                    _, consumer, slot, consumer_spec = output_source
+                    output = consumer_spec.kept_inputs(nodes[consumer])[slot]
+            ctx = RuleContext(node, arrived, relevant, _fetch(sources, node, spec, values), settings, output)
             for slot, r in enumerate(spec.rule(ctx)):
                 if r is None or not relevant[slot]:
                     continue
@@ -157,6 +177,9 @@ def execute(
             values[i] = _as_tuple(step[2].kept_output(nodes[i]))
         elif kind == LEAF:
             values[i] = (nodes[i].variable,)
+        elif kind == KEPT_BY_CONSUMER:
+            _, _, consumer, slot, consumer_spec = step
+            values[i] = (consumer_spec.kept_inputs(nodes[consumer])[slot],)
         elif kind == CAPTURE:
             slots = relevance.get(i)
             results[step[3]] = None if slots is None else slots[step[2]]

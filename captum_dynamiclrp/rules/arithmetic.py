@@ -25,14 +25,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UnrecoverableOperandError
-from .base import MaybeTensor, Node, OpSpec, RuleContext, needs_all_inputs, saved, signed_dim, stabilize, sum_to
+from .base import (
+    MaybeTensor,
+    Node,
+    OpSpec,
+    RuleContext,
+    needs_all_inputs,
+    node_vjp,
+    saved,
+    signed_dim,
+    stabilize,
+    sum_to,
+)
 
 
 def contribution_epsilon_rule(ctx: RuleContext, z: Tensor) -> list[MaybeTensor]:
     r"""Epsilon on contributions: :math:`R_{x_i} = x_i \odot J_i^\top (R / \mathrm{stab}(z))`."""
     s = ctx.out / stabilize(z.to(ctx.dtype), ctx.settings.epsilon)
-    grads = ctx.node(s)
-    grads = (grads,) if isinstance(grads, Tensor) else grads
+    grads = node_vjp(ctx.node, (s,))
     return [
         x * g if (rel and x is not None and g is not None) else None
         for x, g, rel in zip(ctx.inputs, grads, ctx.relevant)
@@ -40,9 +50,8 @@ def contribution_epsilon_rule(ctx: RuleContext, z: Tensor) -> list[MaybeTensor]:
 
 
 def _known_sum(node: Node, inputs: list, sign: float) -> Tensor:
-    # z of a + alpha*b (sign=+1) or a - alpha*b (sign=-1). An operand autograd did not
-    # track and that is not recoverable (a python scalar, a buffer) enters as zero: it
-    # absorbs no relevance (documented limitation).
+    # a + alpha*b (sign=+1) or a - alpha*b (sign=-1). An operand autograd did not track
+    # (a python scalar, a buffer, an attention mask) enters as zero; see _replay_sum.
     a, b = inputs
     alpha = saved(node, "alpha")
     if b is None:
@@ -55,11 +64,12 @@ def _known_sum(node: Node, inputs: list, sign: float) -> Tensor:
 
 def _replay_sum(sign: float):
     def forward(node: Node, inputs: list) -> Tensor:
-        if any(x is None for x in inputs):
-            raise UnrecoverableOperandError(
-                f"{type(node).__name__}: an operand was neither tracked by autograd nor kept "
-                "(a constant tensor or python scalar), so its output cannot be replayed."
-            )
+        # An untracked operand is replayed as zero. Exact for additive attention masks
+        # (0 where attended; -inf or finfo.min only where the softmax output is 0, which
+        # carries no relevance); approximate for other untracked constants, unless a
+        # consumer kept the sum itself, which the resolver then reads instead.
+        if all(x is None for x in inputs):
+            raise UnrecoverableOperandError(f"{type(node).__name__}: no operand is tracked or kept")
         return _known_sum(node, inputs, sign)
 
     return forward
@@ -67,7 +77,10 @@ def _replay_sum(sign: float):
 
 def _sum_rule(sign: float):
     def rule(ctx: RuleContext) -> list[MaybeTensor]:
-        return contribution_epsilon_rule(ctx, _known_sum(ctx.node, ctx.inputs, sign))
+        # The true sum (kept by a consumer, or the explained output) lets an untracked
+        # constant absorb its share; otherwise the sum of the operands we know.
+        z = ctx.output if ctx.output is not None else _known_sum(ctx.node, ctx.inputs, sign)
+        return contribution_epsilon_rule(ctx, z)
 
     return rule
 
@@ -124,15 +137,55 @@ def _kept_self(node: Node) -> tuple:
     return (saved(node, "self"),)
 
 
+# Ops whose output is a normalising statistic, and the ops that may sit between such a
+# statistic and the product that applies it (broadcasts, "+ eps", a reciprocal).
+NORMALISER_TYPES = frozenset(
+    {"RsqrtBackward0", "SqrtBackward0", "StdBackward0", "VarBackward0", "LinalgVectorNormBackward0", "NormBackward1"}
+)
+_BETWEEN_NORMALISER_AND_PRODUCT = frozenset(
+    {"ExpandBackward0", "ViewBackward0", "UnsqueezeBackward0", "SqueezeBackward1", "ToCopyBackward0",
+     "CloneBackward0", "AddBackward0", "ReciprocalBackward0", "ClampMinBackward0", "ClampBackward1"}
+)
+
+
+def is_normaliser(node: Node, hops: int = 6) -> bool:
+    """Whether ``node`` computes a normaliser statistic, looking through a few broadcast/eps ops (O(1))."""
+    for _ in range(hops):
+        if node is None:
+            return False
+        name = type(node).__name__
+        if name in NORMALISER_TYPES:
+            return True
+        if name not in _BETWEEN_NORMALISER_AND_PRODUCT:
+            return False
+        tracked = [child for child, _ in node.next_functions if child is not None]
+        if len(tracked) != 1:
+            return False
+        node = tracked[0]
+    return False
+
+
+def normaliser_factors(node: Node) -> tuple:
+    """Slots of a product holding a normaliser statistic next to a plain operand: constants."""
+    flags = tuple(child is not None and is_normaliser(child) for child, _ in node.next_functions)
+    plain = any(child is not None and not flag for (child, _), flag in zip(node.next_functions, flags))
+    return flags if plain else (False,) * len(flags)
+
+
 def product_uniform_rule(ctx: RuleContext) -> list[MaybeTensor]:
     r"""Bilinear uniform (AttnLRP): :math:`R_a = R_b = R/2` for two activations, :math:`R_a = R` for one.
 
-    Broadcast operands collect the relevance of every element they were broadcast to.
+    A factor that is a normaliser statistic (``rsqrt(var + eps)``, ``x.norm()``, ...) is a
+    constant (see :func:`normaliser_factors`), so a normalisation passes all relevance to
+    the normalised activation. Broadcast operands collect the relevance of every element
+    they were broadcast to.
     """
-    share = 1.0 / max(1, sum(ctx.relevant))
+    relevant = ctx.relevant
+    edges = ctx.node.next_functions
+    share = 1.0 / max(1, sum(relevant))
     r = ctx.out if share == 1.0 else ctx.out * share
     result: list[MaybeTensor] = []
-    for (child, k), rel in zip(ctx.node.next_functions, ctx.relevant):
+    for (child, k), rel in zip(edges, relevant):
         result.append(sum_to(r, child._input_metadata[k].shape) if rel else None)
     return result
 
@@ -143,6 +196,7 @@ def _product(forward, kept_inputs) -> OpSpec:
         rule=product_uniform_rule,
         forward=forward,
         kept_inputs=kept_inputs,
+        constant_slots=normaliser_factors,
     )
 
 
@@ -154,18 +208,49 @@ def _kept_scalar_other(node: Node) -> tuple:
     return (saved(node, "self"),)
 
 
+def _interpolate(mode: str):
+    def forward(node: Node, inputs: list) -> Tensor:
+        return F.interpolate(
+            inputs[0], size=list(saved(node, "output_size")), mode=mode, align_corners=saved(node, "align_corners")
+        )
+
+    return forward
+
+
+def _index_add(node: Node, inputs: list) -> Tensor:
+    base, source = inputs
+    if base is None:
+        raise UnrecoverableOperandError("IndexAddBackward0: the base tensor is an untracked constant")
+    return base.index_add(signed_dim(saved(node, "dim")), saved(node, "index"), source, alpha=saved(node, "alpha"))
+
+
+def _scatter_add(node: Node, inputs: list) -> Tensor:
+    base, source = inputs
+    if base is None or source is None:
+        raise UnrecoverableOperandError("ScatterAddBackward0: an operand is an untracked constant")
+    return base.scatter_add(signed_dim(saved(node, "dim")), saved(node, "index"), source)
+
+
+def _glu_rule(ctx: RuleContext) -> list[MaybeTensor]:
+    r"""GLU :math:`a \odot \sigma(b)`, both halves of one input: bilinear uniform, :math:`R_a = R_b = R/2`."""
+    half = ctx.out * 0.5
+    return [torch.cat([half, half], dim=signed_dim(saved(ctx.node, "dim")))]
+
+
 ARITHMETIC: dict[str, OpSpec] = {
     "AddBackward0": OpSpec(
         family="epsilon (signed contributions)",
         rule=_sum_rule(+1.0),
         needs=needs_all_inputs,
         forward=_replay_sum(+1.0),
+        uses_output=True,
     ),
     "SubBackward0": OpSpec(
         family="epsilon (signed contributions)",
         rule=_sum_rule(-1.0),
         needs=needs_all_inputs,
         forward=_replay_sum(-1.0),
+        uses_output=True,
     ),
     # c - alpha * x with a scalar c that autograd did not keep: c absorbs nothing.
     "RsubBackward1": OpSpec(family="epsilon (signed contributions)", rule=lambda ctx: (ctx.out,)),
@@ -177,6 +262,23 @@ ARITHMETIC: dict[str, OpSpec] = {
     "AvgPool3DBackward0": _reduction(_avg_pool, kept_inputs=_kept_self),
     "AdaptiveAvgPool2DBackward0": _reduction(_adaptive_avg_pool(2), kept_inputs=_kept_self),
     "AdaptiveAvgPool3DBackward0": _reduction(_adaptive_avg_pool(3), kept_inputs=_kept_self),
+    "CumsumBackward0": _reduction(lambda n, x: x[0].cumsum(signed_dim(saved(n, "dim")))),
+    "IndexAddBackward0": _reduction(_index_add, kept_inputs=lambda n: (None, saved(n, "source"))),
+    "ScatterAddBackward0": _reduction(_scatter_add),
+    "UpsampleLinear1DBackward0": _reduction(_interpolate("linear")),
+    "UpsampleBilinear2DBackward0": _reduction(_interpolate("bilinear")),
+    "UpsampleBicubic2DBackward0": _reduction(_interpolate("bicubic")),
+    "UpsampleTrilinear3DBackward0": _reduction(_interpolate("trilinear")),
+    "GluBackward0": OpSpec(
+        family="bilinear uniform (products)",
+        rule=_glu_rule,
+        forward=lambda n, x: F.glu(x[0], signed_dim(saved(n, "dim"))),
+        kept_inputs=lambda n: (saved(n, "self"),),
+    ),
+    "WeightNormInterfaceBackward0": _product(
+        lambda n, x: torch._weight_norm_interface(x[0], x[1], saved(n, "dim")),
+        lambda n: (saved(n, "v"), saved(n, "g")),
+    ),
     "MulBackward0": _product(lambda n, x: x[0] * x[1], _kept_self_other),
     "MulBackward1": _product(lambda n, x: x[0] * saved(n, "other"), _kept_scalar_other),
     "DivBackward0": _product(lambda n, x: x[0] / x[1], _kept_self_other),

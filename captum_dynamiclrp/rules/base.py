@@ -54,11 +54,14 @@ class RuleSettings:
         linear (str): Rule for linear maps with a parameter operand (mm, addmm,
             convolution): ``"epsilon"``, ``"gamma"`` or ``"zplus"``.
         gamma (float): Strength of the gamma rule.
+        attention (str): ``"attnlrp"`` (relevance flows through the softmax with the
+            AttnLRP rule) or ``"cp"`` (CP-LRP: attention probabilities are constants).
     """
 
     epsilon: float = 1e-6
     linear: str = "epsilon"
     gamma: float = 0.25
+    attention: str = "attnlrp"
 
 
 @dataclass
@@ -144,6 +147,10 @@ class OpSpec:
             with a kept output is an Arg Node.
         uses_output (bool): The rule can use its own output value (``ctx.output``)
             instead of recomputing it, when a consumer kept that value.
+        constant (bool): The node's output is treated as a constant: no relevance
+            flows into it (attention probabilities under CP-LRP).
+        constant_slots (callable, optional): Per input slot, whether the rule treats that
+            operand as a constant (a product's normaliser factor); decided when planning.
     """
 
     family: str
@@ -153,7 +160,27 @@ class OpSpec:
     kept_inputs: Optional[Callable[[Node], tuple]] = None
     kept_output: Optional[Callable[[Node], Any]] = None
     uses_output: bool = False
+    constant: bool = False
+    constant_slots: Optional[Callable[[Node], tuple]] = None
     fallback: bool = field(default=False)
+
+
+def node_vjp(node: Node, grads: Sequence[Tensor]) -> tuple:
+    """Call an autograd node on output-side tensors; results summed to each operand's shape.
+
+    The autograd engine sums gradients of broadcast operands back to their shape after
+    calling a node; calling the node directly skips that, so it is done here.
+    """
+    results = node(*grads)
+    results = (results,) if isinstance(results, Tensor) else tuple(results)
+    shaped = []
+    for r, (child, k) in zip(results, node.next_functions):
+        if r is not None and child is not None:
+            shape = child._input_metadata[k].shape
+            if r.shape != shape:
+                r = sum_to(r, shape)
+        shaped.append(r)
+    return tuple(shaped)
 
 
 def sum_to(t: Tensor, shape: Sequence[int]) -> Tensor:

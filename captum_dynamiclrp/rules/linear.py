@@ -274,6 +274,7 @@ def _spec(op: BilinearOp) -> OpSpec:
 
 LINEAR: dict[str, OpSpec] = {
     "AddmmBackward0": _spec(MatMulOp(1, 2, bias_slot=0, a_name="mat1", b_name="mat2")),
+    "BaddbmmBackward0": _spec(MatMulOp(1, 2, bias_slot=0, a_name="batch1", b_name="batch2")),
     "MmBackward0": _spec(MatMulOp(0, 1)),
     "BmmBackward0": _spec(MatMulOp(0, 1)),
     "MvBackward0": _spec(MatVecOp(0, 1, b_name="vec")),

@@ -1,6 +1,22 @@
-r"""Batch normalisation.
+r"""Normalisation layers: the normaliser :math:`1/\sigma` is a constant (AttnLRP).
 
-With the statistics held constant (running statistics in eval mode, the saved
+Layer norm and group norm, :math:`z = w \odot (x - \mu(x))\,\rho + b` with
+:math:`\rho = 1/\sigma` held constant, are linear in :math:`x` (the mean subtraction
+stays). Epsilon on that linear map, :math:`s = R / \mathrm{stab}(z)`,
+:math:`g = \rho\,w \odot s`:
+
+.. math:: R_x = x \odot \left(g - \overline{g}\right)
+
+with :math:`\overline{g}` the mean of :math:`g` over each normalised group.
+
+Normalisers written out in plain ops (RMS norm's ``x * rsqrt(mean(x^2) + eps)``,
+``x / sqrt(var + eps)``, ``x / x.norm()``) are handled by the product rule: a factor
+computed by ``rsqrt``, ``sqrt``, ``std``, ``var`` or a vector norm is a constant
+there, so all relevance goes to ``x`` (AttnLRP's identity rule for RMS norm). Where
+such a statistic is reached on its own, variance, standard deviation and norms
+share relevance by squares, :math:`R_{x_i} = R\, d_i^2 / \sum_j d_j^2`.
+
+Batch normalisation: with the statistics held constant (running statistics in eval mode, the saved
 batch statistics in training mode) batch norm is a per-channel affine map
 :math:`z = a x + c`, :math:`a = w / \sqrt{\sigma^2 + \epsilon_{bn}}`,
 :math:`c = b - \mu a`. Rule: epsilon on that map,
@@ -15,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UnrecoverableOperandError
-from .base import MaybeTensor, Node, OpSpec, RuleContext, saved, stabilize
+from .base import MaybeTensor, Node, OpSpec, RuleContext, saved, signed_dim, stabilize
 
 
 def _scale_shift(node: Node, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
@@ -70,8 +86,131 @@ def _spec() -> OpSpec:
     )
 
 
+def _unknown_bias(node: Node, inputs: list) -> bool:
+    return inputs[2] is None and saved(node, "weight") is not None
+
+
+def _layer_norm_parts(node: Node, inputs: list) -> tuple[Tensor, Tensor, tuple]:
+    """(rho * w broadcast to x, z, normalised dims) of a native layer norm."""
+    x, bias = inputs[0], inputs[2]
+    dims = tuple(range(x.dim() - len(saved(node, "normalized_shape")), x.dim()))
+    mean, rstd = saved(node, "result1"), saved(node, "result2")
+    weight = saved(node, "weight")
+    gain = rstd if weight is None else rstd * weight
+    z = (x - mean) * gain
+    if bias is not None:
+        z = z + bias
+    return gain, z, dims
+
+
+def layer_norm_rule(ctx: RuleContext) -> list[MaybeTensor]:
+    r"""Constant normaliser: :math:`R_x = x \odot (g - \overline{g})`, :math:`g = \rho w \odot R / \mathrm{stab}(z)`."""
+    x = ctx.inputs[0]
+    gain, z, dims = _layer_norm_parts(ctx.node, ctx.inputs)
+    g = gain.to(ctx.dtype) * (ctx.out / stabilize(z.to(ctx.dtype), ctx.settings.epsilon))
+    return [x.to(ctx.dtype) * (g - g.mean(dims, keepdim=True)), None, None]
+
+
+def _layer_norm_forward(node: Node, inputs: list) -> Tensor:
+    # Layer norm keeps its bias, so the replay never misses it.
+    return _layer_norm_parts(node, inputs)[1]
+
+
+def _group_norm_parts(node: Node, inputs: list) -> tuple[Tensor, Tensor, int]:
+    x, bias = inputs[0], inputs[2]
+    n, c, groups = saved(node, "N"), saved(node, "C"), saved(node, "group")
+    grouped = x.reshape(n, groups, -1)
+    mean, rstd = saved(node, "result1").unsqueeze(-1), saved(node, "result2").unsqueeze(-1)
+    centered = ((grouped - mean) * rstd).reshape(x.shape)
+    channel = (1, c) + (1,) * (x.dim() - 2)
+    weight = saved(node, "weight")
+    z = centered if weight is None else centered * weight.view(channel)
+    if bias is not None:
+        z = z + bias.view(channel)
+    gain = rstd.expand(n, groups, grouped.shape[-1]).reshape(x.shape)
+    if weight is not None:
+        gain = gain * weight.view(channel)
+    return gain, z, groups
+
+
+def group_norm_rule(ctx: RuleContext) -> list[MaybeTensor]:
+    r"""Constant normaliser per group: :math:`R_x = x \odot (g - \overline{g})` (mean over each group)."""
+    x = ctx.inputs[0]
+    gain, z, groups = _group_norm_parts(ctx.node, ctx.inputs)
+    g = gain.to(ctx.dtype) * (ctx.out / stabilize(z.to(ctx.dtype), ctx.settings.epsilon))
+    grouped = g.reshape(x.shape[0], groups, -1)
+    centered = (grouped - grouped.mean(-1, keepdim=True)).reshape(x.shape)
+    return [x.to(ctx.dtype) * centered, None, None]
+
+
+def _group_norm_forward(node: Node, inputs: list) -> Tensor:
+    if _unknown_bias(node, inputs):
+        raise UnrecoverableOperandError(f"{type(node).__name__}: frozen bias, output cannot be replayed")
+    return _group_norm_parts(node, inputs)[1]
+
+
+def _squared_share(centered: bool):
+    def rule(ctx: RuleContext) -> list[MaybeTensor]:
+        r"""Statistic of squares: :math:`R_{x_i} = R\, d_i^2 / \sum_j d_j^2` with :math:`d` the (centred) input."""
+        x = ctx.inputs[0].to(ctx.dtype)
+        dims = _reduce_dims(ctx.node, x)
+        d = x - x.mean(dims, keepdim=True) if centered else x
+        share = d * d
+        share = share / stabilize(share.sum(dims, keepdim=True), ctx.settings.epsilon)
+        r = ctx.out
+        if not saved(ctx.node, "keepdim"):
+            for dim in sorted(d % x.dim() for d in dims):
+                r = r.unsqueeze(dim)
+        return [share * r]
+
+    return rule
+
+
+def _statistic(centered: bool, forward, kept_output=None, kept_inputs=None) -> OpSpec:
+    return OpSpec(
+        family="share by squares (statistics)",
+        rule=_squared_share(centered),
+        needs=lambda node, relevant: (0,),
+        forward=forward,
+        kept_output=kept_output,
+        kept_inputs=kept_inputs or (lambda node: (saved(node, "self"),)),
+    )
+
+
+def _kept_result(node: Node):
+    return saved(node, "result")
+
+
+def _reduce_dims(node: Node, x: Tensor) -> list:
+    dims = saved(node, "dim")
+    return list(range(x.dim())) if dims is None else [signed_dim(d) for d in dims]
+
+
+def _var(node: Node, inputs: list) -> Tensor:
+    x = inputs[0]
+    return torch.var(x, _reduce_dims(node, x), correction=saved(node, "correction"), keepdim=saved(node, "keepdim"))
+
+
 NORMALIZATION: dict[str, OpSpec] = {
     "NativeBatchNormBackward0": _spec(),
     "CudnnBatchNormBackward0": _spec(),
     "MiopenBatchNormBackward0": _spec(),
+    "NativeLayerNormBackward0": OpSpec(
+        family="layer norm (constant normaliser, epsilon)",
+        rule=layer_norm_rule,
+        needs=lambda node, relevant: (0, 2),
+        forward=_layer_norm_forward,
+        kept_inputs=lambda node: (saved(node, "input"), saved(node, "weight"), saved(node, "bias")),
+    ),
+    "NativeGroupNormBackward0": OpSpec(
+        family="group norm (constant normaliser, epsilon)",
+        rule=group_norm_rule,
+        needs=lambda node, relevant: (0, 2),
+        forward=_group_norm_forward,
+        kept_inputs=lambda node: (saved(node, "input"), saved(node, "weight"), None),
+    ),
+    "VarBackward0": _statistic(True, _var),
+    "StdBackward0": _statistic(True, lambda n, x: _var(n, x).sqrt(), kept_output=_kept_result),
+    "LinalgVectorNormBackward0": _statistic(False, None, kept_output=_kept_result),
+    "NormBackward1": _statistic(False, None, kept_output=_kept_result),
 }

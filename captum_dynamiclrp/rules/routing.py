@@ -18,13 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import MaybeTensor, Node, OpSpec, RuleContext, saved, signed_dim
+from .base import MaybeTensor, Node, OpSpec, RuleContext, node_vjp, saved, signed_dim
 
 
 def vjp_rule(ctx: RuleContext) -> Sequence[MaybeTensor]:
     r"""Routing: :math:`R_x = J^\top R_z`, computed by calling the autograd node itself."""
-    grads = ctx.node(*ctx.filled_relevance())
-    return (grads,) if isinstance(grads, Tensor) else grads
+    return node_vjp(ctx.node, ctx.filled_relevance())
 
 
 def _out_shape(node: Node, k: int = 0) -> torch.Size:
@@ -38,7 +37,11 @@ def _reshape(node: Node, inputs: list) -> Tensor:
 def _slice(node: Node, inputs: list) -> Tensor:
     dim = signed_dim(saved(node, "dim"))
     index = [slice(None)] * inputs[0].dim()
-    index[dim] = slice(saved(node, "start"), saved(node, "end"), saved(node, "step"))
+    start, end = saved(node, "start"), saved(node, "end")
+    # Negative bounds come back as unsigned 64-bit integers, like dims.
+    start = None if start is None else signed_dim(start)
+    end = None if end is None else signed_dim(end)
+    index[dim] = slice(start, end, saved(node, "step"))
     return inputs[0][tuple(index)]
 
 
@@ -59,6 +62,29 @@ def _max_dim(node: Node, inputs: list) -> Tensor:
     keepdim = saved(node, "keepdim")
     picked = inputs[0].gather(dim, indices if keepdim else indices.unsqueeze(dim))
     return picked if keepdim else picked.squeeze(dim)
+
+
+def _gather_indices(node: Node, inputs: list) -> Tensor:
+    # topk / sort values: the input gathered at the saved indices.
+    return inputs[0].gather(signed_dim(saved(node, "dim")), saved(node, "indices"))
+
+
+def _interpolate_nearest(mode: str):
+    def forward(node: Node, inputs: list) -> Tensor:
+        return F.interpolate(inputs[0], size=list(saved(node, "output_size")), mode=mode)
+
+    return forward
+
+
+def _where(node: Node, inputs: list) -> Tensor:
+    # A branch that autograd did not track (a constant fill) is replayed as zero: exact
+    # wherever the result is later masked out (attention masks), see the README.
+    a, b = inputs
+    if a is None:
+        a = torch.zeros((), dtype=b.dtype, device=b.device)
+    if b is None:
+        b = torch.zeros((), dtype=a.dtype, device=a.device)
+    return torch.where(saved(node, "condition"), a, b)
 
 
 def _to_copy(node: Node, inputs: list) -> Tensor:
@@ -119,6 +145,42 @@ ROUTING.update(
             lambda n, x: x[0].roll(list(saved(n, "shifts")), [signed_dim(d) for d in saved(n, "dims")])
         ),
         "CloneBackward0": _routing(lambda n, x: x[0]),
+        "TopkBackward0": _routing(_gather_indices),
+        "SortBackward0": _routing(_gather_indices),
+        "IndexSelectBackward0": _routing(
+            lambda n, x: x[0].index_select(signed_dim(saved(n, "dim")), saved(n, "index"))
+        ),
+        # Autograd does not keep the fill value; replay fills with zero (see _where).
+        "MaskedFillBackward0": _routing(lambda n, x: x[0].masked_fill(saved(n, "mask"), 0.0)),
+        "WhereBackward0": _routing(_where),
+        "TrilBackward0": _routing(lambda n, x: x[0].tril(saved(n, "diagonal"))),
+        "TriuBackward0": _routing(lambda n, x: x[0].triu(saved(n, "diagonal"))),
+        "RepeatBackward0": _routing(lambda n, x: x[0].repeat(list(saved(n, "repeats")))),
+        "UnfoldBackward0": _routing(
+            lambda n, x: x[0].unfold(signed_dim(saved(n, "dimension")), saved(n, "size"), saved(n, "step"))
+        ),
+        "Im2ColBackward0": _routing(
+            lambda n, x: F.unfold(x[0], saved(n, "kernel_size"), saved(n, "dilation"), saved(n, "padding"),
+                                  saved(n, "stride"))
+        ),
+        "DiagonalBackward0": _routing(
+            lambda n, x: x[0].diagonal(saved(n, "offset"), signed_dim(saved(n, "dim1")), signed_dim(saved(n, "dim2")))
+        ),
+        "UpsampleNearest1DBackward0": _routing(_interpolate_nearest("nearest")),
+        "UpsampleNearest2DBackward0": _routing(_interpolate_nearest("nearest")),
+        "UpsampleNearest3DBackward0": _routing(_interpolate_nearest("nearest")),
+        "UpsampleNearestExact1DBackward0": _routing(_interpolate_nearest("nearest-exact")),
+        "UpsampleNearestExact2DBackward0": _routing(_interpolate_nearest("nearest-exact")),
+        # Token relevance lands on the embedding rows that were looked up.
+        "EmbeddingBackward0": _routing(lambda n, x: F.embedding(saved(n, "indices"), x[0])),
+        "ScatterBackward0": _routing(
+            lambda n, x: x[0].scatter(signed_dim(saved(n, "dim")), saved(n, "index"), x[1])
+        ),
+        "IndexPutBackward0": _routing(
+            lambda n, x: x[0].index_put(tuple(saved(n, "indices")), x[1], saved(n, "accumulate"))
+        ),
+        # In-place writes into a view: the gradient routes each element to where it came from.
+        "CopySlices": _routing(None),
         "AliasBackward0": _routing(lambda n, x: x[0]),
         "ToCopyBackward0": _routing(_to_copy),
         # Winner takes all: the gradient routes each output to its argmax input.
