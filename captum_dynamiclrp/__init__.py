@@ -5,14 +5,17 @@
 """
 
 from .attribution import DynamicLRP
+from .coverage import CoverageReport, coverage
 from .engine import Engine, relevance
 from .errors import DynamicLRPError, UnrecoverableOperandError, UnsupportedOperationError
+from .modules import scores_of
 from .presets import DEFAULT_PRESET, PRESETS, Preset
 from .rules import RULE_TABLE, OpSpec, RuleContext
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CoverageReport",
     "DEFAULT_PRESET",
     "DynamicLRP",
     "DynamicLRPError",
@@ -24,5 +27,7 @@ __all__ = [
     "RuleContext",
     "UnrecoverableOperandError",
     "UnsupportedOperationError",
+    "coverage",
     "relevance",
+    "scores_of",
 ]

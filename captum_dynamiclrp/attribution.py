@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from typing import Any, Callable, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 from captum._utils.common import (
@@ -17,11 +16,11 @@ from captum._utils.common import (
 from captum._utils.typing import TargetType, TensorOrTupleOfTensorsGeneric
 from captum.attr import Attribution
 from captum.log import log_usage
-from torch import Tensor, nn
+from torch import Tensor
 
 from .engine import Engine
-from .engine.graph import build_graph
 from .errors import UnsupportedOperationError
+from .modules import buffers_restored, locate_module, owning_module, parameters_tracked
 from .presets import Preset, resolve_preset
 from .rules.base import OpSpec
 
@@ -30,89 +29,6 @@ from .rules.base import OpSpec
 IGNORED_KEYWORDS = frozenset(
     {"baselines", "n_steps", "method", "internal_batch_size", "n_samples", "stdevs"}
 )
-
-
-def _owning_module(forward_func: Callable) -> Optional[nn.Module]:
-    if isinstance(forward_func, nn.Module):
-        return forward_func
-    owner = getattr(forward_func, "__self__", None)
-    return owner if isinstance(owner, nn.Module) else None
-
-
-@contextlib.contextmanager
-def _buffers_restored(module: Optional[nn.Module]) -> Iterator[None]:
-    """In training mode a forward updates batch-norm running statistics; put them back afterwards."""
-    if module is None or not any(m.training for m in module.modules()):
-        yield
-        return
-    saved_buffers = [(b, b.detach().clone()) for b in module.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved_buffers:
-                buffer.copy_(value)
-
-
-@contextlib.contextmanager
-def _parameters_tracked(module: Optional[nn.Module]) -> Iterator[None]:
-    """Let frozen parameters require grad during the forward, restoring every flag afterwards.
-
-    A parameter that does not require grad leaves no node in the autograd graph, so a
-    bias would vanish from the LRP denominators. Nothing is accumulated in ``.grad``:
-    the engine never calls backward.
-    """
-    frozen = [] if module is None else [p for p in module.parameters() if not p.requires_grad]
-    try:
-        for p in frozen:
-            p.requires_grad_(True)
-        yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
-
-
-def _current_sequence_nr() -> int:
-    return (torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr()
-
-
-def locate_module(module: nn.Module, run_forward: Callable[[], Tensor], node_type: str) -> Optional[str]:
-    """Find the (innermost) module whose forward created a node of type ``node_type``.
-
-    Runs the forward once more with hooks that record each module's range of autograd
-    sequence numbers; hooks are removed even if the forward raises.
-    """
-    spans: list[tuple[str, int, int]] = []
-    open_spans: list[tuple[str, int]] = []
-    handles = []
-
-    def pre(name: str):
-        return lambda mod, args: open_spans.append((name, _current_sequence_nr()))
-
-    def post(mod, args, out):
-        name, start = open_spans.pop()
-        spans.append((name, start, _current_sequence_nr()))
-
-    try:
-        for name, sub in module.named_modules():
-            label = name or type(module).__name__
-            handles.append(sub.register_forward_pre_hook(pre(label)))
-            handles.append(sub.register_forward_hook(post))
-        with torch.enable_grad():
-            out = run_forward()
-        graph = build_graph(out.grad_fn, ())
-    except Exception:
-        return None
-    finally:
-        for h in handles:
-            h.remove()
-    for node, name in zip(graph.nodes, graph.types):
-        if name == node_type:
-            seq = node._sequence_nr()
-            inside = [(end - start, label) for label, start, end in spans if start < seq < end]
-            if inside:
-                return min(inside)[1]
-    return None
 
 
 class DynamicLRP(Attribution):
@@ -229,7 +145,7 @@ class DynamicLRP(Attribution):
                     "input, or run the engine's relevance() on the embedding tensor."
                 )
         extra = _format_additional_forward_args(additional_forward_args)
-        module = _owning_module(self.forward_func)
+        module = owning_module(self.forward_func)
         if module is not None and any(m.training for m in module.modules()):
             warnings.warn(
                 "The model is in training mode: dropout and batch-norm batch statistics make "
@@ -244,12 +160,13 @@ class DynamicLRP(Attribution):
             args = leaves + tuple(extra) if extra is not None else leaves
             return self.forward_func(*args)
 
-        with torch.enable_grad(), _parameters_tracked(module), _buffers_restored(module):
+        with torch.enable_grad(), parameters_tracked(module), buffers_restored(module):
             output = run_forward()
             if not isinstance(output, Tensor):
                 raise TypeError(
                     f"The model returned {type(output).__name__}; DynamicLRP needs a tensor of scores. "
-                    "Wrap the model so that it returns the logits, e.g. lambda x: model(x).logits."
+                    "Wrap the model so that it returns the logits, e.g. lambda x: model(x).logits, "
+                    "or use captum_dynamiclrp.scores_of."
                 )
             seed, selected = self._seed(output, target)
             try:

@@ -1,0 +1,133 @@
+"""What the engine needs from a model around a call: module lookup, flags, statistics, spans."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .engine.graph import build_graph
+
+
+def owning_module(forward_func: Callable) -> Optional[nn.Module]:
+    """The module behind a forward function: the module itself or the owner of a bound method."""
+    if isinstance(forward_func, nn.Module):
+        return forward_func
+    owner = getattr(forward_func, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+def scores_of(output: Any) -> Tensor:
+    """Pick the score tensor of a model output: a tensor, ``.logits``, or the first tensor of a tuple/dict."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    values = output.values() if isinstance(output, dict) else output
+    if isinstance(values, (tuple, list)) or hasattr(values, "__iter__"):
+        for value in values:
+            if isinstance(value, Tensor):
+                return value
+    raise TypeError(f"cannot find a score tensor in a model output of type {type(output).__name__}")
+
+
+@contextlib.contextmanager
+def buffers_restored(module: Optional[nn.Module]) -> Iterator[None]:
+    """In training mode a forward updates batch-norm running statistics; put them back afterwards."""
+    if module is None or not any(m.training for m in module.modules()):
+        yield
+        return
+    saved_buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved_buffers:
+                buffer.copy_(value)
+
+
+@contextlib.contextmanager
+def parameters_tracked(module: Optional[nn.Module]) -> Iterator[None]:
+    """Let frozen parameters require grad during the forward, restoring every flag afterwards.
+
+    A parameter that does not require grad leaves no node in the autograd graph, so a
+    bias would vanish from the LRP denominators. Nothing is accumulated in ``.grad``:
+    the engine never calls backward.
+    """
+    frozen = [] if module is None else [p for p in module.parameters() if not p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+def _current_sequence_nr() -> int:
+    return (torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr()
+
+
+class ModuleSpans:
+    """Which module created which autograd node, from the sequence numbers seen by hooks.
+
+    Autograd numbers nodes in creation order; a module's forward creates the nodes
+    numbered between its pre-hook and its post-hook. The innermost span wins.
+    """
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, int, int]] = []
+
+    def path_of(self, node: Any) -> Optional[str]:
+        seq = node._sequence_nr()
+        inside = [(end - start, label) for label, start, end in self.spans if start < seq < end]
+        return min(inside)[1] if inside else None
+
+
+def run_with_module_spans(module: nn.Module, run_forward: Callable[[], Any]) -> tuple[Any, ModuleSpans]:
+    """Run ``run_forward`` (under grad) with hooks recording each module's node span.
+
+    Hooks are removed even if the forward raises.
+    """
+    spans = ModuleSpans()
+    open_spans: list[tuple[str, int]] = []
+    handles = []
+
+    def pre(label: str):
+        return lambda mod, args: open_spans.append((label, _current_sequence_nr()))
+
+    def post(mod, args, out):
+        label, start = open_spans.pop()
+        spans.spans.append((label, start, _current_sequence_nr()))
+
+    try:
+        for name, sub in module.named_modules():
+            handles.append(sub.register_forward_pre_hook(pre(name or type(module).__name__)))
+            handles.append(sub.register_forward_hook(post))
+        with torch.enable_grad():
+            output = run_forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return output, spans
+
+
+def locate_module(module: nn.Module, run_forward: Callable[[], Tensor], node_type: str) -> Optional[str]:
+    """Find the (innermost) module whose forward created a node of type ``node_type``.
+
+    Runs the forward once more, recording module spans (see :func:`run_with_module_spans`).
+    """
+    try:
+        output, spans = run_with_module_spans(module, run_forward)
+        graph = build_graph(scores_of(output).grad_fn, ())
+    except Exception:
+        return None
+    for node, name in zip(graph.nodes, graph.types):
+        if name == node_type:
+            path = spans.path_of(node)
+            if path is not None:
+                return path
+    return None
