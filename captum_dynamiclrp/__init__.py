@@ -5,6 +5,8 @@
 """
 
 from .attribution import DynamicLRP
+from .layer import LayerDynamicLRP
+from .llm import DynamicLRPLLMAttribution, register_llm_support
 from .coverage import CoverageReport, coverage
 from .engine import Engine, relevance
 from .errors import DynamicLRPError, UnrecoverableOperandError, UnsupportedOperationError
@@ -19,7 +21,9 @@ __all__ = [
     "DEFAULT_PRESET",
     "DynamicLRP",
     "DynamicLRPError",
+    "DynamicLRPLLMAttribution",
     "Engine",
+    "LayerDynamicLRP",
     "OpSpec",
     "PRESETS",
     "Preset",
@@ -28,6 +32,7 @@ __all__ = [
     "UnrecoverableOperandError",
     "UnsupportedOperationError",
     "coverage",
+    "register_llm_support",
     "relevance",
     "scores_of",
 ]
