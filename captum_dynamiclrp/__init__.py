@@ -5,11 +5,11 @@
 """
 
 from .attribution import DynamicLRP
-from .layer import LayerDynamicLRP
-from .llm import DynamicLRPLLMAttribution, register_llm_support
 from .coverage import CoverageReport, coverage
 from .engine import Engine, relevance
 from .errors import DynamicLRPError, UnrecoverableOperandError, UnsupportedOperationError
+from .layer import LayerDynamicLRP
+from .llm import DynamicLRPLLMAttribution, register_llm_support
 from .modules import scores_of
 from .presets import DEFAULT_PRESET, PRESETS, Preset
 from .rules import RULE_TABLE, OpSpec, RuleContext

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import torch
 from captum._utils.common import (
@@ -16,7 +17,7 @@ from captum._utils.common import (
 from captum._utils.typing import TargetType, TensorOrTupleOfTensorsGeneric
 from captum.attr import Attribution
 from captum.log import log_usage
-from torch import Tensor
+from torch import Tensor, nn
 
 from .engine import Engine
 from .errors import UnsupportedOperationError
@@ -29,6 +30,57 @@ from .rules.base import OpSpec
 IGNORED_KEYWORDS = frozenset(
     {"baselines", "n_steps", "method", "internal_batch_size", "n_samples", "stdevs"}
 )
+
+
+def check_keywords(ignored: Mapping[str, Any], method: str, also_allowed: frozenset = frozenset()) -> None:
+    """Reject keywords that are neither ours nor a known method's (typos must not pass silently)."""
+    unknown = set(ignored) - IGNORED_KEYWORDS - also_allowed
+    if unknown:
+        raise TypeError(f"{method}.attribute() got unexpected keyword arguments {sorted(unknown)}")
+
+
+def warn_if_training(module: Optional[nn.Module]) -> None:
+    if module is not None and any(m.training for m in module.modules()):
+        warnings.warn(
+            "The model is in training mode: dropout and batch-norm batch statistics make "
+            "attributions random and batch-dependent. Call model.eval() first.",
+            stacklevel=4,  # the caller, past attribute() and captum.log.log_usage
+        )
+
+
+def check_devices(module: Optional[nn.Module], tensors: tuple) -> None:
+    """Inputs must sit on the model's device: a clear message instead of a kernel error."""
+    if module is None:
+        return
+    parameter = next(module.parameters(), None)
+    if parameter is None:
+        return
+    for t in tensors:
+        if isinstance(t, Tensor) and t.device != parameter.device:
+            raise ValueError(
+                f"An input is on {t.device} but the model is on {parameter.device}; "
+                f"move the inputs with .to({str(parameter.device)!r})."
+            )
+
+
+@contextlib.contextmanager
+def forward_context(module: Optional[nn.Module]) -> Iterator[None]:
+    """Grad on (also under no_grad / inference_mode), parameters tracked, statistics restored."""
+    with torch.inference_mode(False), torch.enable_grad(), parameters_tracked(module), buffers_restored(module):
+        yield
+
+
+def check_scores(output: Any) -> Tensor:
+    """The model must return a finite score tensor."""
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"The model returned {type(output).__name__}; DynamicLRP needs a tensor of scores. "
+            "Wrap the model so that it returns the logits, e.g. lambda x: model(x).logits, "
+            "or use captum_dynamiclrp.scores_of."
+        )
+    if not bool(torch.isfinite(output.detach()).all()):  # one host sync per call
+        raise ValueError("The model output contains NaN or inf; relevance of a non-finite score is undefined.")
+    return output
 
 
 class DynamicLRP(Attribution):
@@ -130,9 +182,7 @@ class DynamicLRP(Attribution):
             Attributions of the same structure and shapes as ``inputs``, and the
             convergence delta (shape ``(batch,)``) if requested.
         """
-        unknown = set(ignored) - IGNORED_KEYWORDS
-        if unknown:
-            raise TypeError(f"DynamicLRP.attribute() got unexpected keyword arguments {sorted(unknown)}")
+        check_keywords(ignored, "DynamicLRP")
         is_tuple = _is_tuple(inputs)
         formatted = _format_tensor_into_tuples(inputs)
         for x in formatted:
@@ -144,30 +194,22 @@ class DynamicLRP(Attribution):
                     "attribute at the embedding output: pass the embeddings (e.g. inputs_embeds) as the "
                     "input, or run the engine's relevance() on the embedding tensor."
                 )
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("An input contains NaN or inf.")
         extra = _format_additional_forward_args(additional_forward_args)
         module = owning_module(self.forward_func)
-        if module is not None and any(m.training for m in module.modules()):
-            warnings.warn(
-                "The model is in training mode: dropout and batch-norm batch statistics make "
-                "attributions random and batch-dependent. Call model.eval() first.",
-                stacklevel=3,  # the caller, past captum.log.log_usage
-            )
+        warn_if_training(module)
+        check_devices(module, formatted)
 
-        # Work on fresh leaves so the user's tensors and their flags are never touched.
-        leaves = tuple(x.detach().clone().requires_grad_(True) for x in formatted)
+        with forward_context(module):
+            # Fresh leaves, so the user's tensors and their flags are never touched.
+            leaves = tuple(x.detach().clone().requires_grad_(True) for x in formatted)
 
-        def run_forward() -> Tensor:
-            args = leaves + tuple(extra) if extra is not None else leaves
-            return self.forward_func(*args)
+            def run_forward() -> Tensor:
+                args = leaves + tuple(extra) if extra is not None else leaves
+                return self.forward_func(*args)
 
-        with torch.enable_grad(), parameters_tracked(module), buffers_restored(module):
-            output = run_forward()
-            if not isinstance(output, Tensor):
-                raise TypeError(
-                    f"The model returned {type(output).__name__}; DynamicLRP needs a tensor of scores. "
-                    "Wrap the model so that it returns the logits, e.g. lambda x: model(x).logits, "
-                    "or use captum_dynamiclrp.scores_of."
-                )
+            output = check_scores(run_forward())
             seed, selected = self._seed(output, target)
             try:
                 relevances = self.engine.relevance(output, leaves, seed)

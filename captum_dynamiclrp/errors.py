@@ -20,12 +20,21 @@ class UnsupportedOperationError(DynamicLRPError):
         self.node_type = node_type
         self.module_path = module_path
         where = f" (created in module '{module_path}')" if module_path else ""
+        hint = _HINTS.get(node_type, "")
         super().__init__(
-            f"No LRP rule for autograd operation '{node_type}'{where}. Add one with "
+            f"No LRP rule for autograd operation '{node_type}'{where}. {hint}Add one with "
             f"DynamicLRP(..., rules=Preset(overrides={{'{node_type}': my_rule}})) or "
             "opt in to the even-split fallback with fallback=True (reported as a "
             "fallback, never as covered)."
         )
+
+
+# Nodes that hide a whole graph: LRP needs the operations inside.
+_HINTS = {
+    "CompiledFunctionBackward": "torch.compile fuses the graph into one node: explain the uncompiled "
+    "module (compiled._orig_mod) instead. ",
+    "DifferentiableGraphBackward": "A TorchScript graph hides its operations: explain the eager module. ",
+}
 
 
 class UnrecoverableOperandError(DynamicLRPError):

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, List, Mapping, Optional, Union
 
-import torch
 from captum._utils.common import _format_additional_forward_args, _format_output, _format_tensor_into_tuples
 from captum._utils.typing import TargetType
 from captum.attr import LayerAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from .attribution import IGNORED_KEYWORDS, DynamicLRP
+from .attribution import DynamicLRP, check_devices, check_keywords, check_scores, forward_context, warn_if_training
 from .errors import DynamicLRPError
-from .modules import buffers_restored, owning_module, parameters_tracked
+from .modules import owning_module
 from .presets import Preset
 from .rules.base import OpSpec
 
@@ -105,18 +103,12 @@ class LayerDynamicLRP(LayerAttribution):
             Relevance with the layer output's structure (a tensor, or a tuple for layers
             with several outputs / inputs), and the convergence delta if requested.
         """
-        unknown = set(ignored) - IGNORED_KEYWORDS - {"layer_baselines"}
-        if unknown:
-            raise TypeError(f"LayerDynamicLRP.attribute() got unexpected keyword arguments {sorted(unknown)}")
+        check_keywords(ignored, "LayerDynamicLRP", frozenset({"layer_baselines"}))
         formatted = _format_tensor_into_tuples(inputs)
         extra = _format_additional_forward_args(additional_forward_args)
         module = owning_module(self.forward_func)
-        if module is not None and any(m.training for m in module.modules()):
-            warnings.warn(
-                "The model is in training mode: dropout and batch-norm batch statistics make "
-                "attributions random and batch-dependent. Call model.eval() first.",
-                stacklevel=3,
-            )
+        warn_if_training(module)
+        check_devices(module, formatted)
         captured: list[tuple] = []
 
         def swap_output(mod: nn.Module, args: tuple, out: Any) -> Any:
@@ -145,16 +137,11 @@ class LayerDynamicLRP(LayerAttribution):
             else self.layer.register_forward_hook(swap_output)
         )
         try:
-            with torch.enable_grad(), parameters_tracked(module), buffers_restored(module):
+            with forward_context(module):
                 args = formatted + tuple(extra) if extra is not None else formatted
-                output = self.forward_func(*args)
+                output = check_scores(self.forward_func(*args))
         finally:
             handle.remove()
-        if not isinstance(output, Tensor):
-            raise TypeError(
-                f"The model returned {type(output).__name__}; wrap it to return the logits "
-                "(e.g. lambda ids: model(ids).logits) or use captum_dynamiclrp.scores_of."
-            )
         if not captured:
             raise DynamicLRPError("The layer was not called during the forward pass.")
         leaves = captured[0]
@@ -162,7 +149,8 @@ class LayerDynamicLRP(LayerAttribution):
         if not float_leaves:
             raise TypeError("The layer's tensors are not floating point: choose a layer after the embedding.")
         seed, selected = DynamicLRP._seed(output, target)
-        relevances = self._lrp.engine.relevance(output, float_leaves, seed)
+        with forward_context(module):
+            relevances = self._lrp.engine.relevance(output, float_leaves, seed)
         single = len(leaves) == 1
         result = _format_output(not single, tuple(relevances))
         if not return_convergence_delta:

@@ -169,8 +169,11 @@ def node_vjp(node: Node, grads: Sequence[Tensor]) -> tuple:
     """Call an autograd node on output-side tensors; results summed to each operand's shape.
 
     The autograd engine sums gradients of broadcast operands back to their shape after
-    calling a node; calling the node directly skips that, so it is done here.
+    calling a node; calling the node directly skips that, so it is done here. Relevance
+    in float32 meets half-precision kernels in their own dtype (the engine casts back).
     """
+    metadata = node._input_metadata
+    grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, metadata)]
     results = node(*grads)
     results = (results,) if isinstance(results, Tensor) else tuple(results)
     shaped = []
