@@ -13,6 +13,7 @@ from .llm import DynamicLRPLLMAttribution, register_llm_support
 from .modules import scores_of
 from .presets import DEFAULT_PRESET, PRESETS, Preset
 from .rules import RULE_TABLE, OpSpec, RuleContext
+from .visualization import text_record, to_image, to_image_attr, token_relevance
 
 __version__ = "0.1.0"
 
@@ -35,4 +36,8 @@ __all__ = [
     "register_llm_support",
     "relevance",
     "scores_of",
+    "text_record",
+    "to_image",
+    "to_image_attr",
+    "token_relevance",
 ]

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .engine import Engine
 from .errors import UnsupportedOperationError
-from .modules import buffers_restored, locate_module, owning_module, parameters_tracked
+from .modules import buffers_restored, in_training_mode, locate_module, owning_module, parameters_tracked
 from .presets import Preset, resolve_preset
 from .rules.base import OpSpec
 
@@ -40,7 +40,7 @@ def check_keywords(ignored: Mapping[str, Any], method: str, also_allowed: frozen
 
 
 def warn_if_training(module: Optional[nn.Module]) -> None:
-    if module is not None and any(m.training for m in module.modules()):
+    if in_training_mode(module):
         warnings.warn(
             "The model is in training mode: dropout and batch-norm batch statistics make "
             "attributions random and batch-dependent. Call model.eval() first.",
@@ -260,7 +260,11 @@ class DynamicLRP(Attribution):
 
     @staticmethod
     def _delta(attributions: tuple[Tensor, ...], selected: Tensor) -> Tensor:
-        total = sum(a.reshape(a.shape[0], -1).sum(1) for a in attributions)
+        rows = attributions[0].shape[0]
+        if selected.shape[0] != rows:  # one score for the whole batch: one delta
+            total = sum(a.sum() for a in attributions).reshape(1)
+        else:
+            total = sum(a.reshape(rows, -1).sum(1) for a in attributions)
         return total - selected.to(total.dtype)
 
     def compute_convergence_delta(

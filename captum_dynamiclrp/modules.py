@@ -34,10 +34,26 @@ def scores_of(output: Any) -> Tensor:
     raise TypeError(f"cannot find a score tensor in a model output of type {type(output).__name__}")
 
 
+def in_training_mode(module: Optional[nn.Module]) -> bool:
+    """Whether a module that holds parameters or buffers of its own is in training mode.
+
+    Wrappers without state of their own (e.g. the forward wrapper Captum's LLM attribution
+    creates) do not count: their mode changes nothing.
+    """
+    if module is None:
+        return False
+    for m in module.modules():
+        if m.training and (
+            next(m.parameters(recurse=False), None) is not None or next(m.buffers(recurse=False), None) is not None
+        ):
+            return True
+    return False
+
+
 @contextlib.contextmanager
 def buffers_restored(module: Optional[nn.Module]) -> Iterator[None]:
     """In training mode a forward updates batch-norm running statistics; put them back afterwards."""
-    if module is None or not any(m.training for m in module.modules()):
+    if not in_training_mode(module):
         yield
         return
     saved_buffers = [(b, b.detach().clone()) for b in module.buffers()]

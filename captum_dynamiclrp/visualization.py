@@ -19,7 +19,7 @@ batch-first tensors; these helpers bridge the two::
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from torch import Tensor
 __all__ = ["text_record", "to_image", "to_image_attr", "token_relevance"]
 
 
-def _hwc(x: Union[Tensor, np.ndarray], what: str) -> np.ndarray:
+def _hwc(x: Tensor | np.ndarray, what: str) -> np.ndarray:
     """One image, ``(C, H, W)``, ``(1, C, H, W)`` or ``(H, W)``, as a float ``(H, W, C)`` array."""
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
@@ -67,7 +67,7 @@ def to_image_attr(attr: Tensor) -> np.ndarray:
     return _hwc(attr, "attr")
 
 
-def to_image(x: Union[Tensor, np.ndarray], rescale: bool = True) -> np.ndarray:
+def to_image(x: Tensor | np.ndarray, rescale: bool = True) -> np.ndarray:
     r"""An input image as the ``(H, W, C)`` array ``visualize_image_attr`` expects as ``original_image``.
 
     Args:
@@ -104,26 +104,25 @@ def token_relevance(layer_attr: Tensor) -> Tensor:
     """
     if not isinstance(layer_attr, Tensor):
         raise TypeError(
-            f"layer_attr must be a tensor, got {type(layer_attr).__name__} "
-            "(for a layer with several outputs, pick one)"
+            f"layer_attr must be a tensor, got {type(layer_attr).__name__} (for a layer with several outputs, pick one)"
         )
     if layer_attr.dim() < 2:
         raise ValueError(f"layer_attr must have a hidden dim to sum over, got shape {tuple(layer_attr.shape)}")
     return layer_attr.detach().sum(-1)
 
 
-def _as_float(value: Union[float, int, Tensor]) -> float:
+def _as_float(value: float | Tensor) -> float:
     return float(value.detach().reshape(-1)[0].item()) if isinstance(value, Tensor) else float(value)
 
 
 def text_record(
     tokens: Sequence[str],
     token_relevance: Tensor,
-    pred_prob: Union[float, Tensor],
-    pred_class: Union[int, str],
-    true_class: Union[int, str],
-    attr_class: Union[int, str],
-    convergence_delta: Union[float, Tensor],
+    pred_prob: float | Tensor,
+    pred_class: int | str,
+    true_class: int | str,
+    attr_class: int | str,
+    convergence_delta: float | Tensor,
 ) -> _viz.VisualizationDataRecord:
     r"""A ``VisualizationDataRecord`` for ``visualize_text`` from one example's token relevance.
 

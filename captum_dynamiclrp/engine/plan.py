@@ -41,6 +41,7 @@ class Plan:
         total: Number of nodes in the graph.
         promises: The Promise objects made while planning (indices only).
         fallback_nodes: Type names of nodes handled by the opt-in fallback.
+        releases: Step index -> recovered values to drop after that step.
     """
 
     steps: list[tuple] = field(default_factory=list)
@@ -48,6 +49,7 @@ class Plan:
     total: int = 0
     promises: list[Any] = field(default_factory=list)
     fallback_nodes: list[str] = field(default_factory=list)
+    releases: dict[int, list[int]] = field(default_factory=dict)
 
     def add_leaf(self, node: int) -> None:
         self.steps.append((LEAF, node))
@@ -68,6 +70,24 @@ class Plan:
 
     def add_capture(self, node: int, output_nr: int, request: int) -> None:
         self.steps.append((CAPTURE, node, output_nr, request))
+
+    def release_after_last_use(self) -> None:
+        """Record, per step, the recovered values no later step reads, so the executor drops them.
+
+        Keeps the memory of rebuilt operands to what is still needed (a backward pass frees
+        saved tensors as it goes; this is the engine's counterpart).
+        """
+        last_use: dict[int, int] = {}
+        for index, step in enumerate(self.steps):
+            if step[0] in (PROPAGATE, REPLAY):
+                for source in step[3]:
+                    if source is not None and source[0] == "edge":
+                        last_use[source[1]] = index
+        produced = {step[1] for step in self.steps if step[0] in (LEAF, KEPT_OUTPUT, REPLAY, KEPT_BY_CONSUMER)}
+        self.releases = {}
+        for node, index in last_use.items():
+            if node in produced:
+                self.releases.setdefault(index, []).append(node)
 
     def count(self, kind: int) -> int:
         return sum(1 for step in self.steps if step[0] == kind)

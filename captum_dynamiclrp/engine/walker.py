@@ -68,11 +68,12 @@ def build_plan(graph: AutogradGraph, table: Mapping[str, OpSpec], fallback: Opti
                     raise UnsupportedOperationError(types[i])
                 spec = fallback
                 plan.fallback_nodes.append(types[i])
-            sources = resolver.input_sources(i, spec.needs(nodes[i], relevant))
             output_source = None
             if spec.uses_output:
                 found = output_kept_by_consumer(graph, table, consumers[i])
                 output_source = ("consumer",) + found if found else (("root",) if i == 0 else None)
+            needs = spec.needs_given_output if (output_source and spec.needs_given_output) else spec.needs
+            sources = resolver.input_sources(i, needs(nodes[i], relevant))
             plan.add_propagate(i, spec, tuple(sources), relevant, edges[i], output_source)
         # Depth-first heuristic: push in reverse so the first operand is explored first.
         for slot in range(len(edges[i]) - 1, -1, -1):
@@ -82,6 +83,7 @@ def build_plan(graph: AutogradGraph, table: Mapping[str, OpSpec], fallback: Opti
                 if pending[child] == 0:
                     ready.append(child)
     plan.promises = resolver.promises
+    plan.release_after_last_use()
     return plan
 
 
@@ -124,6 +126,35 @@ def _fetch(sources: Sequence, node, spec: OpSpec, values: dict) -> list:
     return out
 
 
+def _propagate(step: tuple, nodes: list, relevance: dict, values: dict, root: tuple, settings: RuleSettings,
+               dtype: torch.dtype) -> None:
+    """Apply one node's rule and add what it hands each operand to that operand's relevance."""
+    _, i, spec, sources, relevant, edges, output_source = step
+    arrived = relevance.pop(i, None)
+    if arrived is None:  # nothing reached this node (all of it went elsewhere)
+        return
+    node = nodes[i]
+    output = None
+    if output_source is not None:
+        if output_source[0] == "root":
+            root_output, seed_output_nr = root
+            output = root_output if seed_output_nr == 0 else None
+        else:
+            _, consumer, slot, consumer_spec = output_source
+            output = consumer_spec.kept_inputs(nodes[consumer])[slot]
+    ctx = RuleContext(node, arrived, relevant, _fetch(sources, node, spec, values), settings, output)
+    for slot, r in enumerate(spec.rule(ctx)):
+        if r is None or not relevant[slot]:
+            continue
+        child, k = edges[slot]
+        if r.dtype != dtype:
+            r = r.to(dtype)
+        slots = relevance.get(child)
+        if slots is None:
+            slots = relevance[child] = [None] * len(nodes[child]._input_metadata)
+        slots[k] = r if slots[k] is None else slots[k] + r
+
+
 def execute(
     plan: Plan,
     graph: AutogradGraph,
@@ -136,39 +167,20 @@ def execute(
     """Run a plan: recover values, apply rules in traversal order, collect relevance at the sinks.
 
     ``root_output`` is the (detached) explained tensor, output ``seed_output_nr`` of the root node.
+    Recovered values are dropped after their last use.
     """
     nodes = graph.nodes
     dtype = seed.dtype
+    root = (root_output, seed_output_nr)
     values: dict[int, tuple] = {}
     relevance: dict[int, list] = {0: [None] * len(nodes[0]._input_metadata)}
     relevance[0][seed_output_nr] = seed
     results: list[Optional[Tensor]] = [None] * num_requests
-    for step in plan.steps:
+    releases = plan.releases
+    for index, step in enumerate(plan.steps):
         kind, i = step[0], step[1]
         if kind == PROPAGATE:
-            _, _, spec, sources, relevant, edges, output_source = step
-            node = nodes[i]
-            arrived = relevance.pop(i, None)
-            if arrived is None:  # nothing reached this node (all of it went elsewhere)
-                continue
-            output = None
-            if output_source is not None:
-                if output_source[0] == "root":
-                    output = root_output if seed_output_nr == 0 else None
-                else:
-                    _, consumer, slot, consumer_spec = output_source
-                    output = consumer_spec.kept_inputs(nodes[consumer])[slot]
-            ctx = RuleContext(node, arrived, relevant, _fetch(sources, node, spec, values), settings, output)
-            for slot, r in enumerate(spec.rule(ctx)):
-                if r is None or not relevant[slot]:
-                    continue
-                child, k = edges[slot]
-                if r.dtype != dtype:
-                    r = r.to(dtype)
-                slots = relevance.get(child)
-                if slots is None:
-                    slots = relevance[child] = [None] * len(nodes[child]._input_metadata)
-                slots[k] = r if slots[k] is None else slots[k] + r
+            _propagate(step, nodes, relevance, values, root, settings, dtype)
         elif kind == REPLAY:
             _, _, spec, sources = step
             with torch.no_grad():
@@ -183,4 +195,6 @@ def execute(
         elif kind == CAPTURE:
             slots = relevance.get(i)
             results[step[3]] = None if slots is None else slots[step[2]]
+        for node in releases.get(index, ()):
+            del values[node]
     return results

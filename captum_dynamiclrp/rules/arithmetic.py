@@ -31,6 +31,7 @@ from .base import (
     OpSpec,
     RuleContext,
     needs_all_inputs,
+    needs_relevant_inputs,
     node_vjp,
     saved,
     signed_dim,
@@ -208,10 +209,11 @@ def _kept_scalar_other(node: Node) -> tuple:
     return (saved(node, "self"),)
 
 
-def _interpolate(mode: str):
+def _interpolate(mode: str, antialias: bool = False):
     def forward(node: Node, inputs: list) -> Tensor:
         return F.interpolate(
-            inputs[0], size=list(saved(node, "output_size")), mode=mode, align_corners=saved(node, "align_corners")
+            inputs[0], size=list(saved(node, "output_size")), mode=mode, align_corners=saved(node, "align_corners"),
+            antialias=antialias,
         )
 
     return forward
@@ -244,6 +246,7 @@ ARITHMETIC: dict[str, OpSpec] = {
         needs=needs_all_inputs,
         forward=_replay_sum(+1.0),
         uses_output=True,
+        needs_given_output=needs_relevant_inputs,
     ),
     "SubBackward0": OpSpec(
         family="epsilon (signed contributions)",
@@ -251,6 +254,7 @@ ARITHMETIC: dict[str, OpSpec] = {
         needs=needs_all_inputs,
         forward=_replay_sum(-1.0),
         uses_output=True,
+        needs_given_output=needs_relevant_inputs,
     ),
     # c - alpha * x with a scalar c that autograd did not keep: c absorbs nothing.
     "RsubBackward1": OpSpec(family="epsilon (signed contributions)", rule=lambda ctx: (ctx.out,)),
@@ -268,6 +272,8 @@ ARITHMETIC: dict[str, OpSpec] = {
     "UpsampleLinear1DBackward0": _reduction(_interpolate("linear")),
     "UpsampleBilinear2DBackward0": _reduction(_interpolate("bilinear")),
     "UpsampleBicubic2DBackward0": _reduction(_interpolate("bicubic")),
+    "UpsampleBilinear2DAaBackward0": _reduction(_interpolate("bilinear", antialias=True)),
+    "UpsampleBicubic2DAaBackward0": _reduction(_interpolate("bicubic", antialias=True)),
     "UpsampleTrilinear3DBackward0": _reduction(_interpolate("trilinear")),
     "GluBackward0": OpSpec(
         family="bilinear uniform (products)",

@@ -15,11 +15,12 @@ rules of its parts, :math:`S = \alpha\,q k^\top + M`, :math:`A = \mathrm{softmax
 
 1. :math:`A v`: bilinear uniform, :math:`R_A = \tfrac12 A \odot (\sigma v^\top)`,
    :math:`R_v = \tfrac12 v \odot (A^\top \sigma)`, :math:`\sigma = R / \mathrm{stab}(o)`;
-   under CP-LRP :math:`A` is a constant: :math:`R_v = v \odot (A^\top \sigma)`, :math:`R_A = 0`;
+   under CP-LRP (or when q and k lead to no requested tensor) :math:`A` is a constant:
+   :math:`R_v = v \odot (A^\top \sigma)`, and likewise a constant :math:`v` gives :math:`A` all;
 2. softmax rule above on :math:`S`;
 3. :math:`\alpha q k^\top + M`: epsilon on contributions (a float mask absorbs its share;
    masked positions carry no relevance); the scale :math:`\alpha` is a constant;
-4. :math:`q k^\top`: bilinear uniform.
+4. :math:`q k^\top`: bilinear uniform (all to one factor when the other is a constant).
 
 The causal mask is applied only when the call asked for it (``is_causal``).
 """
@@ -74,9 +75,15 @@ def _first(node: Node, *names: str):
 
 def _attention_relevance(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, scale: Optional[float],
-    relevance: Tensor, eps: float, constant_probabilities: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Relevance of q, k, v for ``softmax(scale * q k^T + mask) v`` (see the module docstring)."""
+    relevance: Tensor, eps: float, relevant: tuple[bool, bool, bool],
+) -> tuple[MaybeTensor, MaybeTensor, MaybeTensor]:
+    """Relevance of q, k, v for ``softmax(scale * q k^T + mask) v`` (see the module docstring).
+
+    ``relevant`` says which of q, k, v lead to a requested tensor; as for any product, a
+    factor that does not is a constant and the other factor takes the whole share.
+    """
+    rel_q, rel_k, rel_v = relevant
+    rel_probs = rel_q or rel_k
     dtype = relevance.dtype
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     groups = q.shape[-3] // k.shape[-3] if q.dim() >= 3 and k.shape[-3] != q.shape[-3] else 1
@@ -94,26 +101,33 @@ def _attention_relevance(
     probs = torch.softmax(scores, dim=-1)
     out = probs @ v
     sigma = relevance / stabilize(out, eps)
-    if constant_probabilities:
-        r_v = v * (probs.transpose(-2, -1) @ sigma)
-        r_q, r_k = torch.zeros_like(q), torch.zeros_like(k)
-    else:
-        r_probs = 0.5 * probs * (sigma @ v.transpose(-2, -1))
-        r_v = 0.5 * v * (probs.transpose(-2, -1) @ sigma)
+    share_av = 0.5 if (rel_probs and rel_v) else 1.0
+    r_q = r_k = r_v = None
+    if rel_v:
+        r_v = share_av * v * (probs.transpose(-2, -1) @ sigma)
+    if rel_probs:
+        r_probs = share_av * probs * (sigma @ v.transpose(-2, -1))
         r_scores = _deep_taylor(scores, probs, r_probs, -1)
         if mask is None and not causal:
             r_logits = r_scores
         else:  # scores = logits + mask: the logits' share; masked positions carry none.
             safe = torch.where(probs > 0, scores, 1.0)
             r_logits = torch.where(probs > 0, logits * r_scores / stabilize(safe, eps), 0.0)
-        # The scale is a constant; q k^T is bilinear uniform (stabilised on the scaled
-        # logits, as PyTorch's math backend computes (sqrt(a) q)(sqrt(a) k)^T).
-        tau = (0.5 * alpha) * r_logits / stabilize(logits, eps)
-        r_q = q * (tau @ k)
-        r_k = k * (tau.transpose(-2, -1) @ q)
+        # The scale is a constant; q k^T is bilinear (stabilised on the scaled logits, as
+        # PyTorch's math backend computes (sqrt(a) q)(sqrt(a) k)^T).
+        share_qk = 0.5 if (rel_q and rel_k) else 1.0
+        tau = (share_qk * alpha) * r_logits / stabilize(logits, eps)
+        if rel_q:
+            r_q = q * (tau @ k)
+        if rel_k:
+            r_k = k * (tau.transpose(-2, -1) @ q)
     if groups > 1:
-        shape = r_k.shape[:-3] + (r_k.shape[-3] // groups, groups) + r_k.shape[-2:]
-        r_k, r_v = r_k.reshape(shape).sum(-3), r_v.reshape(shape).sum(-3)
+        def fold(r: MaybeTensor) -> MaybeTensor:
+            if r is None:
+                return None
+            return r.reshape(r.shape[:-3] + (r.shape[-3] // groups, groups) + r.shape[-2:]).sum(-3)
+
+        r_k, r_v = fold(r_k), fold(r_v)
     return r_q, r_k, r_v
 
 
@@ -122,9 +136,11 @@ def sdpa_rule(ctx: RuleContext) -> list[MaybeTensor]:
     node = ctx.node
     q, k, v = saved(node, "query"), saved(node, "key"), saved(node, "value")
     mask = _first(node, "attn_mask", "attn_bias")
+    # Under CP-LRP the attention probabilities are constants: q and k get nothing.
+    cp = ctx.settings.attention == "cp"
+    relevant = (ctx.relevant[0] and not cp, ctx.relevant[1] and not cp, ctx.relevant[2])
     r_q, r_k, r_v = _attention_relevance(
-        q, k, v, mask, bool(saved(node, "is_causal")), saved(node, "scale"), ctx.out,
-        ctx.settings.epsilon, ctx.settings.attention == "cp",
+        q, k, v, mask, bool(saved(node, "is_causal")), saved(node, "scale"), ctx.out, ctx.settings.epsilon, relevant
     )
     result: list[MaybeTensor] = [r_q, r_k, r_v]
     result += [None] * (len(node.next_functions) - 3)

@@ -123,6 +123,11 @@ def _needs_nothing(node: Node, relevant: tuple) -> tuple:
     return ()
 
 
+def needs_relevant_inputs(node: Node, relevant: tuple) -> tuple:
+    """The rule reads only the operands relevance flows into."""
+    return tuple(slot for slot, rel in enumerate(relevant) if rel)
+
+
 def needs_all_inputs(node: Node, relevant: tuple) -> tuple:
     """The rule reads every operand (relevant or not: constants enter denominators)."""
     return tuple(range(len(node.next_functions)))
@@ -149,6 +154,8 @@ class OpSpec:
             instead of recomputing it, when a consumer kept that value.
         constant (bool): The node's output is treated as a constant: no relevance
             flows into it (attention probabilities under CP-LRP).
+        needs_given_output (NeedsFn, optional): What the rule reads when its own output
+            value is known (``ctx.output``); a sum then needs only its relevant operands.
         constant_slots (callable, optional): Per input slot, whether the rule treats that
             operand as a constant (a product's normaliser factor); decided when planning.
     """
@@ -162,6 +169,7 @@ class OpSpec:
     uses_output: bool = False
     constant: bool = False
     constant_slots: Optional[Callable[[Node], tuple]] = None
+    needs_given_output: Optional[NeedsFn] = None
     fallback: bool = field(default=False)
 
 

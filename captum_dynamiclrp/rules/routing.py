@@ -125,7 +125,9 @@ ROUTING.update(
         ),
         "TBackward0": _routing(lambda n, x: x[0].t()),
         "SliceBackward0": _routing(_slice),
-        "SelectBackward0": _routing(lambda n, x: x[0].select(signed_dim(saved(n, "dim")), saved(n, "index"))),
+        "SelectBackward0": _routing(
+            lambda n, x: x[0].select(signed_dim(saved(n, "dim")), signed_dim(saved(n, "index")))
+        ),
         "IndexBackward0": _routing(_index),
         "GatherBackward0": _routing(
             lambda n, x: x[0].gather(signed_dim(saved(n, "dim")), saved(n, "index")),
@@ -181,6 +183,12 @@ ROUTING.update(
         ),
         # In-place writes into a view: the gradient routes each element to where it came from.
         "CopySlices": _routing(None),
+        # Views of in-place results; replay assumes the base is laid out contiguously.
+        "AsStridedBackward0": _routing(
+            lambda n, x: x[0].contiguous().as_strided(
+                saved(n, "size"), saved(n, "stride"), saved(n, "storage_offset")
+            )
+        ),
         "AliasBackward0": _routing(lambda n, x: x[0]),
         "ToCopyBackward0": _routing(_to_copy),
         # Winner takes all: the gradient routes each output to its argmax input.

@@ -1,0 +1,342 @@
+"""Time and peak memory of ``DynamicLRP.attribute`` against Captum's ``InputXGradient``, on CPU.
+
+Workloads (random weights, eval mode, float32, one target per row, rows spread over the classes):
+
+* ``mlp``: 4 x (Linear(1024, 1024) + ReLU), 256 rows times ``--batch``;
+* ``resnet18``: torchvision ResNet-18, 3 x ``--resnet-size``^2 images (default 224), ``--batch`` images;
+* ``vgg11``: torchvision VGG-11, 3 x ``--vgg-size``^2 images (default 128), ``--batch`` images.
+
+Measured calls, all on the same inputs and targets:
+
+* ``first``: ``DynamicLRP(model).attribute(x, target=t)`` with a fresh DynamicLRP each time, so the
+  promise plan is built in every call (graph walk + planning + execution);
+* ``cached``: a second and later call on one DynamicLRP whose plan cache already holds the plan;
+* ``ixg``: ``captum.attr.InputXGradient(model).attribute(x, target=t)`` (one forward and one backward);
+* ``forward`` (context only): the model's forward with the autograd graph kept, no backward.
+
+Time: median wall-clock time (``time.perf_counter``) over ``--repeats`` calls. All methods of a workload
+run in one child process, interleaved repeat by repeat (ixg, first, cached, ixg, ...) so that background
+load affects all three alike, after one untimed warm-up of each.
+
+Peak memory: PyTorch's CPU tensors are plain ``malloc``/``mmap`` memory that ``tracemalloc`` cannot see,
+so memory is read from the kernel. Every measured call runs in a fresh child process that builds the
+model and the inputs, warms up (one forward + backward; for ``cached`` also one DynamicLRP call), then
+resets the process's peak resident set size (writing ``5`` to ``/proc/self/clear_refs`` resets
+``VmHWM``), reads ``VmRSS``, makes the one measured call and reads ``VmHWM`` again. The figure reported
+is ``VmHWM - VmRSS`` before the call: the extra resident memory the call needed at its peak, including
+the forward pass's activations and autograd graph, which every method pays. Children run with
+``MALLOC_MMAP_THRESHOLD_=131072`` so that glibc serves every tensor of 128 KiB or more with its own
+``mmap`` and gives it back on free; without it, memory freed by the warm-up stays resident and is
+silently reused, hiding part of the measured call's peak. If ``clear_refs`` cannot be written (old
+kernels, some sandboxes), the child skips the warm-up and reports ``ru_maxrss`` after the call minus
+``VmRSS`` before it (``getrusage``); the JSON says which method was used. Resolution is a page; the
+numbers include allocator slack, and small allocations (< 128 KiB) freed before the call may be reused.
+
+Run ``python benchmarks/bench_engine.py`` (about 4-5 minutes on 2 CPU cores with the defaults);
+``--json PATH`` also writes every number. The ratios in the table are ours / InputXGradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("ixg", "first", "cached")
+
+
+# ---------------------------------------------------------------------------------------------
+# workloads (built inside the child processes)
+
+
+def build_workload(name: str, batch: int, resnet_size: int, vgg_size: int):
+    """Model (eval, random weights), inputs and per-row targets of one workload."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    if name == "mlp":
+        layers: list[nn.Module] = []
+        for _ in range(4):
+            layers += [nn.Linear(1024, 1024), nn.ReLU()]
+        model = nn.Sequential(*layers)
+        x = torch.randn(256 * batch, 1024)
+        classes = 1024
+    elif name == "resnet18":
+        import torchvision
+
+        model = torchvision.models.resnet18(weights=None)
+        x = torch.randn(batch, 3, resnet_size, resnet_size)
+        classes = 1000
+    elif name == "vgg11":
+        import torchvision
+
+        model = torchvision.models.vgg11(weights=None)
+        x = torch.randn(batch, 3, vgg_size, vgg_size)
+        classes = 1000
+    else:
+        raise ValueError(f"unknown workload {name!r}")
+    model.eval()
+    target = torch.arange(x.shape[0]) * 7 % classes
+    return model, x, target
+
+
+def make_calls(model, x, target) -> dict[str, Callable[[], Any]]:
+    """The measured calls; ``cached`` shares one DynamicLRP (warm it before measuring)."""
+    from captum.attr import InputXGradient
+
+    from captum_dynamiclrp import DynamicLRP
+
+    cached_lrp = DynamicLRP(model)
+
+    def forward():
+        import torch
+
+        with torch.enable_grad():
+            leaf = x.detach().clone().requires_grad_(True)
+            return model(leaf)
+
+    return {
+        "ixg": lambda: InputXGradient(model).attribute(x, target=target),
+        "first": lambda: DynamicLRP(model).attribute(x, target=target),
+        "cached": lambda: cached_lrp.attribute(x, target=target),
+        "forward": forward,
+    }
+
+
+def _warm_up(model, x) -> None:
+    import torch
+
+    leaf = x.detach().clone().requires_grad_(True)
+    out = model(leaf)
+    torch.autograd.grad(out.sum(), leaf)
+
+
+# ---------------------------------------------------------------------------------------------
+# child processes
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"{field} not in /proc/self/status")
+    return int(match.group(1))
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def child_time(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    model, x, target = build_workload(spec["model"], spec["batch"], spec["resnet_size"], spec["vgg_size"])
+    calls = make_calls(model, x, target)
+    _warm_up(model, x)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(x)
+        forward_nograd = time.perf_counter() - t0
+    for method in METHODS:  # one untimed call each (warms the cached plan too)
+        calls[method]()
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    for _ in range(spec["repeats"]):
+        for method in METHODS:
+            gc.collect()
+            t0 = time.perf_counter()
+            result = calls[method]()
+            times[method].append(time.perf_counter() - t0)
+            del result
+    return {
+        "input_shape": list(x.shape),
+        "forward_nograd_s": forward_nograd,
+        "times_s": times,
+        "median_s": {m: statistics.median(v) for m, v in times.items()},
+    }
+
+
+def child_memory(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    model, x, target = build_workload(spec["model"], spec["batch"], spec["resnet_size"], spec["vgg_size"])
+    calls = make_calls(model, x, target)
+    method = spec["method"]
+    can_reset = _reset_peak()
+    if can_reset:
+        _warm_up(model, x)
+        if method == "cached":
+            calls["cached"]()
+        gc.collect()
+        _reset_peak()
+        before = _status_kib("VmRSS")
+        result = calls[method]()
+        peak = _status_kib("VmHWM")
+        how = "VmHWM after clear_refs reset minus VmRSS before the call"
+    else:
+        if method == "cached":
+            raise RuntimeError("cannot measure a cached call without resetting the peak RSS")
+        gc.collect()
+        before = _status_kib("VmRSS")
+        result = calls[method]()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        how = "ru_maxrss after the call minus VmRSS before it (no warm-up)"
+    del result
+    return {"peak_extra_mib": (peak - before) / 1024.0, "rss_before_mib": before / 1024.0, "method": how}
+
+
+def run_child(spec: dict) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    if spec["kind"] == "memory":
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+        env["MALLOC_TRIM_THRESHOLD_"] = "131072"
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {spec} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("nan")
+
+
+def format_table(rows: list[dict]) -> str:
+    header = (
+        f"{'model':<9} {'batch':>5} {'input':<18} | {'IxG ms':>8} {'first ms':>9} {'x':>5} {'cached ms':>9} {'x':>5} |"
+        f" {'fwd MiB':>8} {'IxG MiB':>8} {'first MiB':>9} {'x':>5} {'cached MiB':>10} {'x':>5}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        t, m = r["median_ms"], r["peak_extra_mib"]
+        shape = "x".join(str(s) for s in r["input_shape"])
+        lines.append(
+            f"{r['model']:<9} {r['batch']:>5} {shape:<18} | {t['ixg']:>8.1f} {t['first']:>9.1f}"
+            f" {r['time_ratio']['first']:>5.2f} {t['cached']:>9.1f} {r['time_ratio']['cached']:>5.2f} |"
+            f" {m['forward']:>8.1f} {m['ixg']:>8.1f} {m['first']:>9.1f} {r['memory_ratio']['first']:>5.2f}"
+            f" {m['cached']:>10.1f} {r['memory_ratio']['cached']:>5.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per method (median reported)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch multipliers (default: 1 8)")
+    parser.add_argument(
+        "--models", nargs="+", default=["mlp", "resnet18", "vgg11"], choices=["mlp", "resnet18", "vgg11"]
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write all numbers to this JSON file")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every child (default 2)")
+    parser.add_argument("--resnet-size", type=int, default=224, help="ResNet-18 image side (default 224)")
+    parser.add_argument("--vgg-size", type=int, default=128, help="VGG-11 image side (default 128)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        warnings.filterwarnings("ignore")
+        spec = json.loads(args.child)
+        result = child_time(spec) if spec["kind"] == "time" else child_memory(spec)
+        print(json.dumps(result))
+        return 0
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    rows = []
+    for model in args.models:
+        for batch in args.batch:
+            base = {
+                "model": model,
+                "batch": batch,
+                "threads": args.threads,
+                "resnet_size": args.resnet_size,
+                "vgg_size": args.vgg_size,
+            }
+            timing = run_child({**base, "kind": "time", "repeats": args.repeats})
+            memory: dict[str, Any] = {}
+            how = None
+            if not args.no_memory:
+                for method in ("forward",) + METHODS:
+                    got = run_child({**base, "kind": "memory", "method": method})
+                    memory[method] = got["peak_extra_mib"]
+                    how = got["method"]
+            else:
+                memory = {m: float("nan") for m in ("forward",) + METHODS}
+            median_ms = {m: 1e3 * v for m, v in timing["median_s"].items()}
+            row = {
+                **{k: base[k] for k in ("model", "batch")},
+                "input_shape": timing["input_shape"],
+                "forward_nograd_ms": 1e3 * timing["forward_nograd_s"],
+                "median_ms": median_ms,
+                "times_ms": {m: [1e3 * t for t in v] for m, v in timing["times_s"].items()},
+                "peak_extra_mib": memory,
+                "memory_method": how,
+                "time_ratio": {m: _ratio(median_ms[m], median_ms["ixg"]) for m in ("first", "cached")},
+                "memory_ratio": {m: _ratio(memory[m], memory["ixg"]) for m in ("first", "cached")},
+            }
+            rows.append(row)
+            print(
+                f"[{time.perf_counter() - started:6.1f}s] {model} batch={batch}: "
+                f"forward (no grad) {row['forward_nograd_ms']:.1f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    print(format_table(rows))
+    print(
+        f"\nmedian of {args.repeats} calls; x = ours / InputXGradient; MiB = peak extra resident memory of one "
+        f"call in a fresh process (fwd: the forward with its graph alone); torch {torch.__version__}, "
+        f"{args.threads} threads; total {time.perf_counter() - started:.0f} s"
+    )
+    if args.json is not None:
+        payload = {
+            "meta": {
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "machine": platform.machine(),
+                "cpu_count": os.cpu_count(),
+                "threads": args.threads,
+                "repeats": args.repeats,
+                "timing": "median wall-clock (perf_counter), methods interleaved per repeat, after a warm-up",
+                "memory": "peak extra RSS of one call in a fresh child process; see the script's docstring",
+            },
+            "results": rows,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
