@@ -12,7 +12,7 @@ from captum_dynamiclrp.engine import relevance
 from captum_dynamiclrp.rules import CP_LRP_OVERRIDES, RuleSettings
 
 from .conftest import stab
-from .test_ops import EPS, DT, engine_relevance, leaf, vjp
+from .test_ops import DT, EPS, engine_relevance, leaf, vjp
 
 
 # ---------------------------------------------------------------------------------------------
