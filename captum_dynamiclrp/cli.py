@@ -54,13 +54,21 @@ def _load_model(args: argparse.Namespace):
         raise DemoError("--weights goes with --torchvision NAME")
     if args.weights is not None and not Path(args.weights).exists():
         raise DemoError(f"weights file not found: {args.weights}")
+    if args.image_size is not None and args.image_size < 8:
+        raise DemoError("--image-size must be at least 8")
     if args.packaged is not None:
-        return models.load_packaged(args.packaged)
-    if args.torchvision is not None:
-        return models.load_torchvision(args.torchvision, args.weights, args.preprocess or "imagenet")
-    if args.hf_folder is not None:
-        return models.load_hf(args.hf_folder)
-    return models.load_module(args.module, args.preprocess or "imagenet", args.image_size)
+        loaded = models.load_packaged(args.packaged)
+    elif args.torchvision is not None:
+        loaded = models.load_torchvision(args.torchvision, args.weights, args.preprocess or "imagenet")
+    elif args.hf_folder is not None:
+        loaded = models.load_hf(args.hf_folder)
+    else:
+        loaded = models.load_module(args.module, args.preprocess or "imagenet", args.image_size or 224)
+    if args.image_size is not None:
+        loaded.image_size = args.image_size
+    if args.preprocess is not None and loaded.preprocess is not None:
+        loaded.preprocess = models.PREPROCESSING[args.preprocess]
+    return loaded
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +86,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--preprocess", choices=PREPROCESSING_NAMES,
         help="image normalisation for --torchvision / --module (default imagenet: (x/255 - mean) / std)",
     )
-    group.add_argument("--image-size", type=int, default=224, metavar="N", help="centre crop side (default 224)")
+    group.add_argument("--image-size", type=int, metavar="N", help="centre crop side (default: the model's, else 224)")
     parser.add_argument("--rules", default="epsilon", metavar="PRESET", help="epsilon (default), gamma, zplus, attnlrp, cp-lrp")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--fallback", action="store_true", help="split relevance evenly at ops without a rule")

@@ -199,10 +199,9 @@ def _state_dict_from(path: Path) -> dict:
     except FileNotFoundError:
         raise DemoError(f"weights file not found: {path}") from None
     except Exception as err:
+        reason = "it holds pickled objects, not only tensors" if "Weights only load failed" in str(err) else _first_line(err)[:120]
         raise DemoError(
-            f"cannot read {path} as a state dict (torch.load weights_only=True: {_first_line(err)}); "
-            "save it with torch.save(model.state_dict(), path)",
-            1,
+            f"cannot read {path} as a state dict ({reason}); save one with torch.save(model.state_dict(), path)", 1
         ) from None
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -236,9 +235,9 @@ def load_torchvision(name: str, weights: Optional[str | Path] = None, preprocess
         try:
             model.load_state_dict(state)
         except RuntimeError as err:
-            raise DemoError(
-                f"the weights in {weights} do not fit torchvision's {name}: {_first_line(err)}", 1
-            ) from None
+            details = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+            summary = details[0][:160] if details else _first_line(err)
+            raise DemoError(f"the weights in {weights} do not fit torchvision's {name}: {summary}", 1) from None
     model.eval()
     classes = _num_outputs(model)
     return LoadedModel(
@@ -348,6 +347,13 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel
         (IMAGE, "AutoModelForImageClassification", "ForImageClassification"),
     ]
     chosen = [c for c in candidates if any(a.endswith(c[2]) for a in architectures)]
+    if architectures and not chosen:
+        raise DemoError(
+            f"cannot explain {path}: its config names {', '.join(architectures)}, which has no classification or "
+            "language-model head (looked for ...ForCausalLM, ...ForSequenceClassification, ...ForImageClassification); "
+            "save the model with a head, or wrap it in a function for --module",
+            1,
+        )
     order = chosen + [c for c in candidates if c not in chosen]
     tried = []
     model = None

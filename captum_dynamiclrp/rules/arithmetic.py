@@ -33,16 +33,16 @@ from .base import (
     needs_all_inputs,
     needs_relevant_inputs,
     node_vjp,
+    ratio,
     saved,
     signed_dim,
-    stabilize,
     sum_to,
 )
 
 
 def contribution_epsilon_rule(ctx: RuleContext, z: Tensor) -> list[MaybeTensor]:
     r"""Epsilon on contributions: :math:`R_{x_i} = x_i \odot J_i^\top (R / \mathrm{stab}(z))`."""
-    s = ctx.out / stabilize(z.to(ctx.dtype), ctx.settings.epsilon)
+    s = ratio(ctx.out, z, ctx.settings.epsilon)
     grads = node_vjp(ctx.node, (s,))
     return [
         x * g if (rel and x is not None and g is not None) else None

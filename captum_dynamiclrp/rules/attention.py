@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import MaybeTensor, Node, OpSpec, RuleContext, saved, signed_dim, stabilize
+from .base import MaybeTensor, Node, OpSpec, RuleContext, ratio, saved, signed_dim, stabilize
 
 
 def _deep_taylor(x: Tensor, s: Tensor, relevance: Tensor, dim: int) -> Tensor:
@@ -100,7 +100,7 @@ def _attention_relevance(
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(dtype)
     probs = torch.softmax(scores, dim=-1)
     out = probs @ v
-    sigma = relevance / stabilize(out, eps)
+    sigma = ratio(relevance, out, eps)
     share_av = 0.5 if (rel_probs and rel_v) else 1.0
     r_q = r_k = r_v = None
     if rel_v:
@@ -116,7 +116,7 @@ def _attention_relevance(
         # The scale is a constant; q k^T is bilinear (stabilised on the scaled logits, as
         # PyTorch's math backend computes (sqrt(a) q)(sqrt(a) k)^T).
         share_qk = 0.5 if (rel_q and rel_k) else 1.0
-        tau = (share_qk * alpha) * r_logits / stabilize(logits, eps)
+        tau = ratio(r_logits, logits, eps).mul_(share_qk * alpha)
         if rel_q:
             r_q = q * (tau @ k)
         if rel_k:

@@ -45,6 +45,21 @@ def stabilize(z: Tensor, eps: float) -> Tensor:
     return z + torch.copysign(torch.tensor(eps, dtype=z.dtype), z)
 
 
+def ratio(relevance: Tensor, z: Tensor, eps: float) -> Tensor:
+    r""":math:`R / \mathrm{stab}(z)` in the relevance dtype, allocating a single new tensor.
+
+    Every epsilon-type rule divides relevance by a stabilised denominator; doing it in one
+    buffer keeps the rules' temporary memory near that of a gradient pass.
+    """
+    denominator = torch.copysign(torch.tensor(eps, dtype=z.dtype), z)
+    denominator.add_(z)
+    if denominator.dtype != relevance.dtype:
+        denominator = denominator.to(relevance.dtype)
+    if denominator.shape == relevance.shape:
+        return torch.div(relevance, denominator, out=denominator)
+    return relevance / denominator
+
+
 @dataclass(frozen=True)
 class RuleSettings:
     """Numbers a preset hands to every rule.

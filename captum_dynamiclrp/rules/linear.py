@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UnrecoverableOperandError
-from .base import MaybeTensor, Node, OpSpec, RuleContext, RuleSettings, needs_all_inputs, saved, stabilize
+from .base import MaybeTensor, Node, OpSpec, RuleContext, RuleSettings, needs_all_inputs, ratio, saved
 
 
 class BilinearOp:
@@ -186,8 +186,7 @@ def _linear_relevance(op: BilinearOp, node: Node, x_is_a: bool, x: Tensor, w: Te
             z = apply(x, w)
             if bias is not None:
                 z = z + bias
-        s = relevance / stabilize(z.to(dtype), eps)
-        return x.to(dtype) * grad(s, x, w)
+        return grad(ratio(relevance, z, eps), x, w).mul_(x)
 
     x_pos, x_neg = _plus(x), _minus(x)
     if settings.linear == "zplus":
@@ -195,7 +194,7 @@ def _linear_relevance(op: BilinearOp, node: Node, x_is_a: bool, x: Tensor, w: Te
         z = apply(x_pos, w_pos) + apply(x_neg, w_neg)
         if bias is not None:
             z = z + _plus(bias)
-        s = relevance / stabilize(z.to(dtype), eps)
+        s = ratio(relevance, z, eps)
         return x_pos.to(dtype) * grad(s, x_pos, w_pos) + x_neg.to(dtype) * grad(s, x_neg, w_neg)
 
     if settings.linear == "gamma":
@@ -211,8 +210,8 @@ def _linear_relevance(op: BilinearOp, node: Node, x_is_a: bool, x: Tensor, w: Te
         if bias is not None:
             z_pos = z_pos + bias + g * _plus(bias)
             z_neg = z_neg + bias + g * _minus(bias)
-        s_pos = torch.where(positive, relevance / stabilize(z_pos.to(dtype), eps), 0.0)
-        s_neg = torch.where(out < 0, relevance / stabilize(z_neg.to(dtype), eps), 0.0)
+        s_pos = torch.where(positive, ratio(relevance, z_pos, eps), 0.0)
+        s_neg = torch.where(out < 0, ratio(relevance, z_neg, eps), 0.0)
         return x_pos.to(dtype) * (grad(s_pos, x_pos, w_up) + grad(s_neg, x_pos, w_down)) + x_neg.to(dtype) * (
             grad(s_pos, x_neg, w_down) + grad(s_neg, x_neg, w_up)
         )
@@ -233,7 +232,7 @@ def _bilinear_rule(op: BilinearOp) -> Callable[[RuleContext], list]:
                 z = op.apply(node, a, b)
                 if bias is not None:
                     z = z + bias
-            s = ctx.out / stabilize(z.to(ctx.dtype), ctx.settings.epsilon) * 0.5
+            s = ratio(ctx.out, z, ctx.settings.epsilon).mul_(0.5)
             ga, gb = op.grads(node, s, a, b, True, True)
             result[op.a_slot] = a.to(ctx.dtype) * ga
             result[op.b_slot] = b.to(ctx.dtype) * gb

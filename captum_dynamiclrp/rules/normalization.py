@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UnrecoverableOperandError
-from .base import MaybeTensor, Node, OpSpec, RuleContext, saved, signed_dim, stabilize
+from .base import MaybeTensor, Node, OpSpec, RuleContext, ratio, saved, signed_dim, stabilize
 
 
 def _scale_shift(node: Node, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
@@ -63,8 +63,8 @@ def batch_norm_rule(ctx: RuleContext) -> list[MaybeTensor]:
     r"""Epsilon on the affine map: :math:`R_x = a x \odot R / \mathrm{stab}(a x + c)`."""
     x = ctx.inputs[0]
     scale, z = _affine(ctx.node, ctx.inputs)
-    s = ctx.out / stabilize(z.to(ctx.dtype), ctx.settings.epsilon)
-    return [(x * scale).to(ctx.dtype) * s, None, None]
+    s = ratio(ctx.out, z, ctx.settings.epsilon)
+    return [s.mul_(x).mul_(scale), None, None]
 
 
 def _forward(node: Node, inputs: list) -> Tensor:
@@ -107,7 +107,7 @@ def layer_norm_rule(ctx: RuleContext) -> list[MaybeTensor]:
     r"""Constant normaliser: :math:`R_x = x \odot (g - \overline{g})`, :math:`g = \rho w \odot R / \mathrm{stab}(z)`."""
     x = ctx.inputs[0]
     gain, z, dims = _layer_norm_parts(ctx.node, ctx.inputs)
-    g = gain.to(ctx.dtype) * (ctx.out / stabilize(z.to(ctx.dtype), ctx.settings.epsilon))
+    g = ratio(ctx.out, z, ctx.settings.epsilon).mul_(gain)
     return [x.to(ctx.dtype) * (g - g.mean(dims, keepdim=True)), None, None]
 
 
@@ -137,7 +137,7 @@ def group_norm_rule(ctx: RuleContext) -> list[MaybeTensor]:
     r"""Constant normaliser per group: :math:`R_x = x \odot (g - \overline{g})` (mean over each group)."""
     x = ctx.inputs[0]
     gain, z, groups = _group_norm_parts(ctx.node, ctx.inputs)
-    g = gain.to(ctx.dtype) * (ctx.out / stabilize(z.to(ctx.dtype), ctx.settings.epsilon))
+    g = ratio(ctx.out, z, ctx.settings.epsilon).mul_(gain)
     grouped = g.reshape(x.shape[0], groups, -1)
     centered = (grouped - grouped.mean(-1, keepdim=True)).reshape(x.shape)
     return [x.to(ctx.dtype) * centered, None, None]
