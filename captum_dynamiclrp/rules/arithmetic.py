@@ -166,19 +166,68 @@ def is_normaliser(node: Node, hops: int = 6) -> bool:
     return False
 
 
-def normaliser_factors(node: Node) -> tuple:
-    """Slots of a product holding a normaliser statistic next to a plain operand: constants."""
-    flags = tuple(child is not None and is_normaliser(child) for child, _ in node.next_functions)
-    plain = any(child is not None and not flag for (child, _), flag in zip(node.next_functions, flags))
-    return flags if plain else (False,) * len(flags)
+# Elementwise ops through which a value stays "a function of the same tensor, element by element".
+_ELEMENTWISE_TYPES = frozenset(
+    {"TanhBackward0", "SigmoidBackward0", "ErfBackward0", "PowBackward0", "ExpBackward0", "NegBackward0",
+     "MulBackward0", "DivBackward0", "AddBackward0", "SubBackward0", "ReluBackward0", "GeluBackward0",
+     "SiluBackward0", "SoftplusBackward0", "HardsigmoidBackward0", "ClampBackward1", "LogSigmoidBackward0"}
+)
+
+
+def _elementwise_root(edge: tuple, budget: int = 8) -> tuple:
+    """(root node, output number, hops): the tensor an operand is an elementwise function of.
+
+    Walks down unary elementwise ops, and sums/products whose tracked operands share one root
+    (``sqrt(2/pi) * (x + 0.044715 * x**3)`` is rooted at ``x``). The walk is bounded by
+    ``budget`` steps, so it costs O(1) per product node.
+    """
+    node, k = edge
+    hops = 0
+    while budget > 0 and node is not None and type(node).__name__ in _ELEMENTWISE_TYPES:
+        tracked = [e for e in node.next_functions if e[0] is not None]
+        if not tracked:
+            break
+        budget -= 1
+        if len(tracked) == 1:
+            node, k = tracked[0]
+            hops += 1
+            continue
+        roots = [_elementwise_root(e, budget) for e in tracked]
+        if any(r[0] is not roots[0][0] or r[1] != roots[0][1] for r in roots):
+            break
+        node, k = roots[0][0], roots[0][1]
+        hops += 1 + max(r[2] for r in roots)
+        break
+    return node, k, hops
+
+
+def constant_factors(node: Node) -> tuple:
+    """Slots of a product that act as constant factors of the other operand.
+
+    * a normaliser statistic next to a plain operand (RMS norm: ``x * rsqrt(var + eps)``);
+    * a self-gate: both factors are elementwise functions of the same tensor and one is the
+      more direct one (``x * sigmoid(x)``, GELU written out as ``0.5 x (1 + tanh(u(x)))``):
+      the gate is a constant, so the activation as a whole passes relevance on unchanged
+      (AttnLRP's identity rule for activations), however it is spelt.
+    """
+    edges = node.next_functions
+    flags = [child is not None and is_normaliser(child) for child, _ in edges]
+    if not any(child is not None and not flag for (child, _), flag in zip(edges, flags)):
+        flags = [False] * len(edges)
+    tracked = [slot for slot, (child, _) in enumerate(edges) if child is not None and not flags[slot]]
+    if len(tracked) == 2:
+        a, b = (_elementwise_root(edges[slot]) for slot in tracked)
+        if a[0] is b[0] and a[1] == b[1] and a[2] != b[2]:
+            flags[tracked[0] if a[2] > b[2] else tracked[1]] = True
+    return tuple(flags)
 
 
 def product_uniform_rule(ctx: RuleContext) -> list[MaybeTensor]:
     r"""Bilinear uniform (AttnLRP): :math:`R_a = R_b = R/2` for two activations, :math:`R_a = R` for one.
 
-    A factor that is a normaliser statistic (``rsqrt(var + eps)``, ``x.norm()``, ...) is a
-    constant (see :func:`normaliser_factors`), so a normalisation passes all relevance to
-    the normalised activation. Broadcast operands collect the relevance of every element
+    A factor that is a normaliser statistic (``rsqrt(var + eps)``, ``x.norm()``, ...) or a
+    self-gate (``sigmoid(x)`` in ``x * sigmoid(x)``) is a constant (see :func:`constant_factors`),
+    so normalisations and activations written out in plain ops pass all relevance on. Broadcast operands collect the relevance of every element
     they were broadcast to.
     """
     relevant = ctx.relevant
@@ -197,7 +246,7 @@ def _product(forward, kept_inputs) -> OpSpec:
         rule=product_uniform_rule,
         forward=forward,
         kept_inputs=kept_inputs,
-        constant_slots=normaliser_factors,
+        constant_slots=constant_factors,
     )
 
 
