@@ -40,9 +40,11 @@ from .base import (
 )
 
 
-def contribution_epsilon_rule(ctx: RuleContext, z: Tensor) -> list[MaybeTensor]:
-    r"""Epsilon on contributions: :math:`R_{x_i} = x_i \odot J_i^\top (R / \mathrm{stab}(z))`."""
-    s = ratio(ctx.out, z, ctx.settings.epsilon)
+def contribution_epsilon_rule(ctx: RuleContext, s: Tensor) -> list[MaybeTensor]:
+    r"""Epsilon on contributions: :math:`R_{x_i} = x_i \odot J_i^\top s`, :math:`s = R / \mathrm{stab}(z)`.
+
+    Callers pass ``s = ratio(ctx.out, z, eps)`` so that ``z`` is freed before the products.
+    """
     grads = node_vjp(ctx.node, (s,))
     return [
         x * g if (rel and x is not None and g is not None) else None
@@ -81,7 +83,9 @@ def _sum_rule(sign: float):
         # The true sum (kept by a consumer, or the explained output) lets an untracked
         # constant absorb its share; otherwise the sum of the operands we know.
         z = ctx.output if ctx.output is not None else _known_sum(ctx.node, ctx.inputs, sign)
-        return contribution_epsilon_rule(ctx, z)
+        s = ratio(ctx.out, z, ctx.settings.epsilon)
+        del z  # free the recomputed sum before the products
+        return contribution_epsilon_rule(ctx, s)
 
     return rule
 
@@ -123,7 +127,7 @@ def _adaptive_avg_pool(spatial: int):
 
 def _reduction(forward, kept_inputs=None) -> OpSpec:
     def rule(ctx: RuleContext) -> list[MaybeTensor]:
-        return contribution_epsilon_rule(ctx, forward(ctx.node, ctx.inputs))
+        return contribution_epsilon_rule(ctx, ratio(ctx.out, forward(ctx.node, ctx.inputs), ctx.settings.epsilon))
 
     return OpSpec(
         family="epsilon (signed contributions)",

@@ -181,12 +181,11 @@ def _linear_relevance(op: BilinearOp, node: Node, x_is_a: bool, x: Tensor, w: Te
     eps = settings.epsilon
     dtype = relevance.dtype
     if settings.linear == "epsilon":
-        z = output
-        if z is None:
-            z = apply(x, w)
-            if bias is not None:
-                z = z + bias
-        return grad(ratio(relevance, z, eps), x, w).mul_(x)
+        if output is not None:
+            s = ratio(relevance, output, eps)
+        else:  # recompute z; it is freed as soon as the ratio exists
+            s = ratio(relevance, apply(x, w) if bias is None else apply(x, w).add_(bias), eps)
+        return grad(s, x, w).mul_(x)
 
     x_pos, x_neg = _plus(x), _minus(x)
     if settings.linear == "zplus":

@@ -56,7 +56,7 @@ def _affine(node: Node, inputs: list) -> tuple[Tensor, Tensor]:
     x, bias = inputs[0], inputs[2]
     scale, shift = _scale_shift(node, bias)
     scale = _channel_view(scale, x)
-    return scale, x * scale + _channel_view(shift, x)
+    return scale, (x * scale).add_(_channel_view(shift, x))
 
 
 def batch_norm_rule(ctx: RuleContext) -> list[MaybeTensor]:
@@ -64,6 +64,7 @@ def batch_norm_rule(ctx: RuleContext) -> list[MaybeTensor]:
     x = ctx.inputs[0]
     scale, z = _affine(ctx.node, ctx.inputs)
     s = ratio(ctx.out, z, ctx.settings.epsilon)
+    del z  # free the recomputed output before the products
     return [s.mul_(x).mul_(scale), None, None]
 
 
