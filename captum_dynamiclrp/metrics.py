@@ -46,6 +46,7 @@ inputs (e.g. a data set mean, or the embedding of a mask token).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -358,8 +359,8 @@ def _target_rows(target: Any, batch: int, device: torch.device) -> Optional[Tens
     """The target as one index per example (None when the model gives one value per example)."""
     if target is None:
         return None
-    if isinstance(target, int):
-        return torch.full((batch,), target, dtype=torch.long, device=device)
+    if isinstance(target, numbers.Integral):
+        return torch.full((batch,), int(target), dtype=torch.long, device=device)
     if isinstance(target, Tensor):
         if target.numel() == 1:
             return torch.full((batch,), int(target), dtype=torch.long, device=device)
@@ -367,8 +368,8 @@ def _target_rows(target: Any, batch: int, device: torch.device) -> Optional[Tens
             return target.to(device=device, dtype=torch.long)
         raise ValueError(f"target tensor of shape {tuple(target.shape)} for {batch} examples")
     if isinstance(target, (list, tuple)):
-        if len(target) == batch and all(isinstance(t, int) for t in target):
-            return torch.tensor(list(target), dtype=torch.long, device=device)
+        if len(target) == batch and all(isinstance(t, numbers.Integral) for t in target):
+            return torch.tensor([int(t) for t in target], dtype=torch.long, device=device)
         raise ValueError("a target list must give one integer class per example (tuple targets are not supported)")
     raise TypeError(f"unsupported target of type {type(target).__name__}")
 

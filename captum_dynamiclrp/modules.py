@@ -52,7 +52,11 @@ def in_training_mode(module: Optional[nn.Module]) -> bool:
 
 @contextlib.contextmanager
 def buffers_restored(module: Optional[nn.Module]) -> Iterator[None]:
-    """In training mode a forward updates batch-norm running statistics; put them back afterwards."""
+    """In training mode a forward updates batch-norm running statistics; put them back afterwards.
+
+    Only buffers whose values changed are written back, so buffers the graph saved keep their
+    version counters (autograd checks them when the engine reads saved tensors).
+    """
     if not in_training_mode(module):
         yield
         return
@@ -62,7 +66,8 @@ def buffers_restored(module: Optional[nn.Module]) -> Iterator[None]:
     finally:
         with torch.no_grad():
             for buffer, value in saved_buffers:
-                buffer.copy_(value)
+                if not torch.equal(buffer, value):
+                    buffer.copy_(value)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -28,7 +29,9 @@ def dynamiclrp_method(rules: str = "epsilon", fallback: bool = False, name: str 
 
     def run(model: nn.Module, x: Tensor, target: int, baseline: Tensor) -> tuple[Tensor, Optional[float]]:
         # One DynamicLRP per model, so that the promise plans it caches serve the next images.
-        lrp = cache.setdefault(id(model), DynamicLRP(model, rules=rules, fallback=fallback))
+        if id(model) not in cache:
+            cache[id(model)] = DynamicLRP(model, rules=rules, fallback=fallback)
+        lrp = cache[id(model)]
         attribution, delta = lrp.attribute(x, target=target, return_convergence_delta=True)
         return attribution, float(delta.sum())
 
@@ -41,18 +44,28 @@ def captum_methods(ig_steps: int = 16, shap_samples: int = 8, internal_batch_siz
 
     def integrated_gradients(model, x, target, baseline):
         attribution, delta = IntegratedGradients(model).attribute(
-            x, baselines=baseline, target=target, n_steps=ig_steps, internal_batch_size=internal_batch_size,
+            x,
+            baselines=baseline,
+            target=target,
+            n_steps=ig_steps,
+            internal_batch_size=internal_batch_size,
             return_convergence_delta=True,
         )
         return attribution, float(delta.sum())
 
     def input_x_gradient(model, x, target, baseline):
-        return InputXGradient(model).attribute(x, target=target), None
+        with warnings.catch_warnings():  # Captum warns that the input did not require grad; that is fine
+            warnings.simplefilter("ignore", UserWarning)
+            return InputXGradient(model).attribute(x, target=target), None
 
     def gradient_shap(model, x, target, baseline):
         baselines = torch.cat([baseline, torch.zeros_like(baseline)])
         attribution, delta = GradientShap(model).attribute(
-            x, baselines=baselines, target=target, n_samples=shap_samples, stdevs=0.1,
+            x,
+            baselines=baselines,
+            target=target,
+            n_samples=shap_samples,
+            stdevs=0.1,
             return_convergence_delta=True,
         )
         return attribution, float(delta.mean())
@@ -137,13 +150,16 @@ def run_demo(
     if not 1 <= photos <= len(DEMO_PHOTOS):
         raise DemoError(f"--photos must be between 1 and {len(DEMO_PHOTOS)}")
     torch_device = resolve_device(device)
+    torch.manual_seed(0)  # GradientShap draws random baselines and noise
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     names = DEMO_PHOTOS[:photos]
     methods = [dynamiclrp_method(r, name=f"DynamicLRP {r}") for r in rules]
     methods += captum_methods(ig_steps, shap_samples)
-    bar = tqdm(total=1 + photos * len(methods) + 1, desc="loading EfficientNet-Lite0", unit="step", disable=not progress)
+    bar = tqdm(
+        total=1 + photos * len(methods) + 1, desc="loading EfficientNet-Lite0", unit="step", disable=not progress
+    )
     loaded = load_efficientnet_lite0().to(torch_device)
     bar.update()
     explanations = []
@@ -176,7 +192,9 @@ def run_demo(
         "weights": loaded.source,
         "input": "224 x 224 centre crop, (pixel - 127) / 128",
         "DynamicLRP presets": ", ".join(rules),
-        "device": f"{torch_device} ({torch.get_num_threads()} CPU threads)" if torch_device.type == "cpu" else str(torch_device),
+        "device": f"{torch_device} ({torch.get_num_threads()} CPU threads)"
+        if torch_device.type == "cpu"
+        else str(torch_device),
         "versions": _versions(),
         "total time": f"{total:.1f} s (op coverage {coverage_seconds:.1f} s)",
     }
@@ -196,4 +214,7 @@ def _versions() -> str:
 
     from .. import __version__
 
-    return f"captum-dynamiclrp {__version__}, torch {torch.__version__}, captum {captum.__version__}, python {platform.python_version()}"
+    return (
+        f"captum-dynamiclrp {__version__}, torch {torch.__version__}, captum {captum.__version__}, "
+        f"python {platform.python_version()}"
+    )

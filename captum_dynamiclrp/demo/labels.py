@@ -60,7 +60,9 @@ def resolve_class(
         index = int(text)
         num_classes = num_classes if num_classes is not None else (len(labels) if labels else None)
         if num_classes is not None and not 0 <= index < num_classes:
-            raise DemoError(f"target {index} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+            raise DemoError(
+                f"target {index} is out of range: the model has {num_classes} classes (0..{num_classes - 1})"
+            )
         return index
     if labels:
         wanted = text.lower()

@@ -199,7 +199,11 @@ def _state_dict_from(path: Path) -> dict:
     except FileNotFoundError:
         raise DemoError(f"weights file not found: {path}") from None
     except Exception as err:
-        reason = "it holds pickled objects, not only tensors" if "Weights only load failed" in str(err) else _first_line(err)[:120]
+        reason = (
+            "it holds pickled objects, not only tensors"
+            if "Weights only load failed" in str(err)
+            else _first_line(err)[:120]
+        )
         raise DemoError(
             f"cannot read {path} as a state dict ({reason}); save one with torch.save(model.state_dict(), path)", 1
         ) from None
@@ -325,7 +329,9 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel
     elif not (path / "config.json").exists():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) != 1:
-            raise DemoError(f"{path} has no config.json (and {len(ggufs)} .gguf files): not a Hugging Face model folder", 1)
+            raise DemoError(
+                f"{path} has no config.json (and {len(ggufs)} .gguf files): not a Hugging Face model folder", 1
+            )
         gguf_file = ggufs[0].name
     try:
         import transformers
@@ -381,7 +387,9 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel
             pixels = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0)
             return (pixels / 255.0 - mean_t) / std_t
 
-        return LoadedModel(name, IMAGE, ImageLogits(model).eval(), labels, preprocess, size, model=model, source=str(path))
+        return LoadedModel(
+            name, IMAGE, ImageLogits(model).eval(), labels, preprocess, size, model=model, source=str(path)
+        )
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
     except Exception as err:
@@ -389,12 +397,24 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel
     embeddings = model.get_input_embeddings()
     if task == CAUSAL_LM:
         return LoadedModel(
-            name, CAUSAL_LM, NextTokenLogits(model).eval(), None, tokenizer=tokenizer, embeddings=embeddings,
-            model=model, source=str(path),
+            name,
+            CAUSAL_LM,
+            NextTokenLogits(model).eval(),
+            None,
+            tokenizer=tokenizer,
+            embeddings=embeddings,
+            model=model,
+            source=str(path),
         )
     return LoadedModel(
-        name, TEXT, ClassifierLogits(model).eval(), labels, tokenizer=tokenizer, embeddings=embeddings,
-        model=model, source=str(path),
+        name,
+        TEXT,
+        ClassifierLogits(model).eval(),
+        labels,
+        tokenizer=tokenizer,
+        embeddings=embeddings,
+        model=model,
+        source=str(path),
     )
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import DemoError
 from .labels import short_label
 
 
@@ -80,7 +81,10 @@ def draw_heatmap(ax: Any, fig: Any, attribution: Tensor, title: str) -> None:
 
 def save_image_grid(explanation: ImageExplanation, path: Path, dpi: int = 100) -> Path:
     """One row: the photo, its top-5 classes, then one heatmap per method. Returns ``path``."""
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise DemoError("the pictures need matplotlib: pip install matplotlib", 1) from None
 
     columns = 2 + len(explanation.methods)
     fig = Figure(figsize=(2.55 * columns, 3.45), dpi=dpi)
@@ -156,8 +160,10 @@ def coverage_table(report: Any) -> str:
         f"({100 * data['fraction']:.2f}%)</b></p>"
     )
     return (
-        summary + "<table><tr><th>autograd op</th><th>count</th><th>status</th><th>rule</th></tr>"
-        + "".join(rows) + "</table>"
+        summary
+        + "<table><tr><th>autograd op</th><th>count</th><th>status</th><th>rule</th></tr>"
+        + "".join(rows)
+        + "</table>"
     )
 
 

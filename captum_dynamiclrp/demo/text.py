@@ -97,7 +97,9 @@ def explain_text(
         if index is None:
             index = int(scores.argmax())
         if not 0 <= index < scores.shape[0]:
-            raise DemoError(f"target {index} is out of range: the model has {scores.shape[0]} classes (0..{scores.shape[0] - 1})")
+            raise DemoError(
+                f"target {index} is out of range: the model has {scores.shape[0]} classes (0..{scores.shape[0] - 1})"
+            )
         labels = loaded.labels or []
         name = labels[index] if index < len(labels) else f"class {index}"
         best = int(scores.argmax())
@@ -254,14 +256,18 @@ class SentimentClassifier(nn.Module):
 
 
 @torch.no_grad()
-def embed_sentences(tokenizer: Any, encoder: nn.Module, texts: Sequence[str], batch_size: int = 64, max_length: int = 64) -> Tensor:
+def embed_sentences(
+    tokenizer: Any, encoder: nn.Module, texts: Sequence[str], batch_size: int = 64, max_length: int = 64
+) -> Tensor:
     """Sentence embeddings of ``texts`` (shortest first inside, returned in the given order)."""
     embed = SentenceEmbedding(encoder).eval()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.empty(len(texts), encoder.config.hidden_size)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        encoded = tokenizer([texts[i] for i in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        encoded = tokenizer(
+            [texts[i] for i in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         out[chunk] = embed(encoded["input_ids"], encoded["attention_mask"])
     return out
 
@@ -313,7 +319,14 @@ def load_smollm2() -> LoadedModel:
     return load_packaged("smollm2")
 
 
-def llm_attribution(model: nn.Module, tokenizer: Any, prompt: str, target: Optional[str] = None, rules: str = "attnlrp", max_new_tokens: int = 1):
+def llm_attribution(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str,
+    target: Optional[str] = None,
+    rules: str = "attnlrp",
+    max_new_tokens: int = 1,
+):
     """Captum's ``LLMGradientAttribution`` with :class:`~captum_dynamiclrp.LayerDynamicLRP` at the embeddings.
 
     Explains the log-probability of ``target`` (default: the greedy continuation of
