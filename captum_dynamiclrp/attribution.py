@@ -264,7 +264,7 @@ class DynamicLRP(Attribution):
         if selected.shape[0] != rows:  # one score for the whole batch: one delta
             total = sum(a.sum() for a in attributions).reshape(1)
         else:
-            total = sum(a.reshape(rows, -1).sum(1) for a in attributions)
+            total = sum((a.flatten(1) if a.dim() > 1 else a.unsqueeze(1)).sum(1) for a in attributions)
         return total - selected.to(total.dtype)
 
     def compute_convergence_delta(

@@ -34,6 +34,8 @@ _HINTS = {
     "CompiledFunctionBackward": "torch.compile fuses the graph into one node: explain the uncompiled "
     "module (compiled._orig_mod) instead. ",
     "DifferentiableGraphBackward": "A TorchScript graph hides its operations: explain the eager module. ",
+    "CppFunction": "An opaque C++ function (e.g. a fused TorchScript graph) hides its operations: explain the "
+    "eager module. ",
 }
 
 

@@ -539,7 +539,8 @@ def faithfulness(
     for k, order in enumerate(orders):
         middle = table[2 + k * (n_steps - 1) : 2 + (k + 1) * (n_steps - 1)]
         scores = torch.cat([first[None], middle, last[None]]).T.contiguous()
-        curves[order] = PerturbationCurve(order, fractions.clone(), scores, output if isinstance(output, str) else "custom")
+        kind = output if isinstance(output, str) else "custom"
+        curves[order] = PerturbationCurve(order, fractions.clone(), scores, kind)
     return FaithfulnessResult(morf=curves.get("morf"), lerf=curves.get("lerf"))
 
 
@@ -583,11 +584,14 @@ def plot_curves(
     if isinstance(results, FaithfulnessResult):
         results = {"attribution": results}
     if ax is None:
-        figure = Figure(figsize=(6.0, 4.0), layout="constrained")
+        figure = Figure(figsize=(8.0, 4.0), layout="constrained")
         ax = figure.add_subplot(1, 1, 1)
     else:
         figure = ax.figure
-    colors = [f"C{i % 10}" for i in range(len(results))]
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10" if len(results) <= 10 else "tab20"].colors
+    colors = [palette[i % len(palette)] for i in range(len(results))]
     ylabel = "probability of the target"
     for color, (name, result) in zip(colors, results.items()):
         label = name
@@ -608,5 +612,5 @@ def plot_curves(
     ax.set_ylabel(ylabel)
     ax.set_xlim(0.0, 1.0)
     ax.set_title(title or "MoRF (solid) and LeRF (dashed)")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     return figure

@@ -79,6 +79,12 @@ ELEMENTWISE: dict[str, OpSpec] = {
     "ClampMinBackward0": _from_input(lambda n, x: x[0].clamp(min=saved(n, "min"))),
     "ClampMaxBackward0": _from_input(lambda n, x: x[0].clamp(max=saved(n, "max"))),
     "NegBackward0": OpSpec(family="identity (elementwise)", rule=identity_rule, forward=lambda n, x: -x[0]),
+    # Module backward hooks wrap a module's inputs and outputs in an identity function.
+    "BackwardHookFunctionBackward": OpSpec(
+        family="identity (elementwise)",
+        rule=lambda ctx: list(ctx.relevance),
+        forward=lambda n, x: tuple(x),
+    ),
     # Dropout in training mode (DynamicLRP warns): kept elements pass their relevance on.
     "NativeDropoutBackward0": OpSpec(family="identity (elementwise)", rule=identity_rule, forward=_dropout),
 }
