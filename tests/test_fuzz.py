@@ -22,8 +22,9 @@ and a random input. Properties checked on every example (:func:`check_program`):
 2. the attribution is finite, float64 and of the input's shape;
 3. it equals the explicit reference engine of ``tests/reference_engine.py`` (which records every
    aten op with a ``TorchDispatchMode`` and applies the rule formulas with every operand at hand,
-   no promises), extended here by plain rules for softmax, layer norm, fused attention, RMS-norm
-   normalisers, amax / max and a few routing ops;
+   no promises), extended here by plain rules for softmax, layer norm, fused attention, the
+   constant factors of products (RMS-norm normalisers, self-gates), amax / max and a few routing
+   ops;
 4. conservation where the epsilon preset conserves: for bias-free programs made of linear maps,
    activations, sums, products of activations, reductions and routing, the convergence delta is
    ~0 (the stabiliser is the only loss);
@@ -34,14 +35,33 @@ A second, smaller fuzz runs the ``gamma`` and ``zplus`` presets (properties 1, 2
 
 Runs:
 
-* default (CI): ``DYNAMICLRP_FUZZ_EXAMPLES`` examples (default 150) of the epsilon fuzz and a
-  third as many of the preset fuzz, about 30 s on two CPU cores;
+* default (CI): ``DYNAMICLRP_FUZZ_EXAMPLES`` examples (default 200) of the epsilon fuzz, plus the
+  programs found earlier (``@example``), and a third as many of the preset fuzz: 15-30 s on two
+  CPU cores;
 * long (``pytest -m slow tests/test_fuzz.py``, i.e. ``tox -e slow``): 10,000 examples
-  (``DYNAMICLRP_FUZZ_LONG_EXAMPLES`` to change it), about an hour on two cores.
+  (``DYNAMICLRP_FUZZ_LONG_EXAMPLES`` to change it), programs of up to 12 steps: 12 minutes on two
+  idle cores, 30 on busy ones.
 
 Record of the runs made while writing this file (torch 2.14.1, CPU):
 
-* RUN LOG PLACEHOLDER
+* development batches, 3,600 examples: two failures. (a) A conservation false alarm:
+  ``flip(x) - x`` on a single feature is an exact zero, so the stabiliser absorbs the relevance of
+  that branch; the conservation check now allows exactly the stabilisers' worst-case loss, which
+  the reference adds up (``FOUND_ZERO_SUM``). (b) A real bug, in the preset fuzz: gamma / z+ give a
+  batch other results than its examples when PyTorch runs a biased linear layer as ``addmm`` for
+  one memory layout and as ``mm`` + ``add`` for another (``test_gamma_bias_fusion_is_batch_dependent``,
+  xfail; the preset fuzz makes linear inputs contiguous to keep testing everything else).
+* long run 1 (10,000 examples): no failure.
+* long run 2: 2,746 examples passed, then one failure (``FOUND_SELF_GATE``): the engine had
+  gained the constant-factor rule for self-gates (``x * f(x)``) while this reference split such
+  products in half; a 1e-6 relative difference, visible only through a stabilised sum inside the
+  gate. Fixed in the reference (``_constant_factors``), which now mirrors that documented rule.
+* long run 3 (10,000 examples): no failure.
+* preset fuzz (gamma / z+), 2,000 examples: no failure.
+
+The fuzz catches rule changes: scaling the output of any one rule (softmax, layer norm, batch
+norm, add, mul, cat, amax, max-pool, convolution, fused attention) by 0.9 fails it within 300
+examples.
 """
 
 from __future__ import annotations
@@ -49,7 +69,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -326,8 +346,8 @@ class Program:
     contiguous: bool = False
 
     def describe(self) -> str:
-        lines = [f"{self.family} in={self.in_shape} batch={self.batch} classes={self.classes} "
-                 f"conserving={self.conserving} seed={self.seed} frozen={self.frozen}"]
+        lines = [(f"{self.family} in={self.in_shape} batch={self.batch} classes={self.classes} "
+                  f"conserving={self.conserving} seed={self.seed} frozen={self.frozen}")]
         lines += [f"  module {i}: {m}" for i, m in enumerate(self.modules)]
         lines += [f"  param {i}: {p}" for i, p in enumerate(self.params)]
         lines += [f"  v{i + 1} = {s.op}{s.inputs} {s.attrs}" for i, s in enumerate(self.steps)]
@@ -408,7 +428,7 @@ class FuzzNet(nn.Module):
             values.extend(out if isinstance(out, tuple) else (out,))
         return self._head(values[-1])
 
-    def _step(self, step: Step, args: list) -> Any:  # noqa: C901 - one branch per op, on purpose
+    def _step(self, step: Step, args: list) -> Any:
         op, a = step.op, step.attrs
         h = args[0]
         if op == "module":
@@ -561,7 +581,7 @@ class _Builder:
         self.modules.append(spec)
         return len(self.modules) - 1
 
-    def pick(self, candidates: Optional[list] = None) -> int:
+    def pick(self, candidates: list | None = None) -> int:
         candidates = list(range(len(self.shapes))) if candidates is None else candidates
         # Mostly the newest value, so that most steps end up on the path to the output.
         if self.draw(st.sampled_from([True, True, False])):
@@ -573,7 +593,7 @@ class _Builder:
         self.shapes.extend(shapes)
 
     # -- width changes ------------------------------------------------------------------------
-    def linear(self, i: int, out: Optional[int] = None) -> None:
+    def linear(self, i: int, out: int | None = None) -> None:
         t, d = self.shapes[i]
         reusable = [m for m, spec in enumerate(self.modules) if spec[0] == "linear" and spec[1] == d
                     and (out is None or spec[2] == out)]
@@ -584,7 +604,7 @@ class _Builder:
             m = self.new_module(("linear", d, width, self.bias()))
         self.emit("module", (i,), [(t, self.modules[m][2])], module=m)
 
-    def conv(self, i: int, out: Optional[int] = None, k: Optional[int] = None) -> None:
+    def conv(self, i: int, out: int | None = None, k: int | None = None) -> None:
         c, hh, ww = self.shapes[i]
         reusable = [m for m, spec in enumerate(self.modules) if spec[0] == "conv" and spec[1] == c
                     and (out is None or spec[2] == out) and (k is None or spec[3] == k)]
@@ -615,7 +635,7 @@ class _Builder:
         return [j for j, s in enumerate(self.shapes) if key(s) == same]
 
     # -- one random step ----------------------------------------------------------------------
-    def step(self) -> None:  # noqa: C901
+    def step(self) -> None:
         draw = self.draw
         ops = SEQ_OPS if self.family == "seq" else IMG_OPS
         if self.conserving:
@@ -807,7 +827,7 @@ def check_program(program: Program, rules: str = "epsilon", against_reference: b
     assert torch.equal(x, x_before) and not x.requires_grad and x.grad is None
 
 
-FUZZ = dict(deadline=None, suppress_health_check=HEALTH, derandomize=False)
+FUZZ = {"deadline": None, "suppress_health_check": HEALTH, "derandomize": False}
 
 # Programs the fuzzer found (see the module docstring), replayed on every run.
 FOUND_ZERO_SUM = Program(  # flip(x) - x == 0 exactly on one feature: the stabiliser takes it all
