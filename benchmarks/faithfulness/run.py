@@ -1,6 +1,6 @@
 """Faithfulness benchmark: DynamicLRP against Captum's gradient methods, Zennit and LXT on real models and data.
 
-    python benchmarks/faithfulness/run.py            # the full run (about 40 minutes on 2 busy CPU cores)
+    python benchmarks/faithfulness/run.py            # the full run (36 minutes on 2 busy CPU cores)
     python benchmarks/faithfulness/run.py --quick    # a few-minute smoke run
     python benchmarks/faithfulness/run.py --tasks mnist,efficientnet
 
@@ -698,6 +698,7 @@ def update_readme(text: str, readme: Path = HERE / "README.md") -> bool:
     if README_START not in content or README_END not in content:
         return False
     body = text.split("\n", 2)[2] if text.startswith("# ") else text
+    body = "\n".join("#" + line if line.startswith("## ") else line for line in body.splitlines())  # under "## Results"
     head, rest = content.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
     readme.write_text(f"{head}{README_START}\n{body.strip()}\n{README_END}{tail}")

