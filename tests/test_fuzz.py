@@ -58,6 +58,10 @@ Record of the runs made while writing this file (torch 2.14.1, CPU):
   gate. Fixed in the reference (``_constant_factors``), which now mirrors that documented rule.
 * long run 3 (10,000 examples): no failure.
 * preset fuzz (gamma / z+), 2,000 examples: no failure.
+* long run 4 (10,000 examples, on the engine as of the end of this work): no failure.
+
+In all: 32,746 long-run examples of the epsilon fuzz (36,346 with the development batches), 2,000 of
+the preset fuzz.
 
 The fuzz catches rule changes: scaling the output of any one rule (softmax, layer norm, batch
 norm, add, mul, cat, amax, max-pool, convolution, fused attention) by 0.9 fails it within 300
