@@ -12,6 +12,9 @@ ops                                   rule
 ====================================  =====================================================
 addmm / mm / bmm / convolution,       :math:`R_x = x \odot J_x^\top (R / stab(z))`, the bias
 one operand depends on the input      inside ``z`` (it absorbs its share)
+mm / bmm / mv (one activation),       bias folding: the add passes ``R`` on unchanged and the
+then reshapes, then ``+ b``           map uses ``z = B(x, w) + b``, as addmm does (``b`` 1-d,
+                                      size 1 or the last dim, not relevant; each value read once)
 mm / bmm / addmm of two activations   :math:`R_a = \tfrac12 a \odot (s\,b^\top)`,
                                       :math:`R_b = \tfrac12 b \odot (a^\top s)`, ``s = R/stab(z)``
 mul / div                             half of ``R`` to each relevant operand (summed over
@@ -19,8 +22,13 @@ mul / div                             half of ``R`` to each relevant operand (su
 add / sub / sum / mean / avg-pool /   :math:`R_i = x_i \odot J_i^\top (R / stab(z))`
 adaptive avg-pool
 batch norm (eval)                     :math:`R_x = a x \odot R / stab(a x + c)`
-relu, gelu, silu, tanh, ...           identity
+relu, gelu, silu, tanh, atan, ...     identity
 max-pool                              winner takes all (scatter by the recorded indices)
+maximum / minimum / fmax / fmin       winner takes all: the operand(s) equal to the recorded
+                                      output (NaN matches NaN) share ``R`` evenly
+logsumexp                             :math:`R_x = \mathrm{softmax}(x) \odot R` over the
+                                      reduced dims (0 at ``-inf``)
+cumprod                               :math:`R_{y_k}` split evenly over its ``k`` factors
 routing ops                           their vector-Jacobian product (the op is re-run on its
                                       recorded operand and differentiated locally)
 ====================================  =====================================================
@@ -171,6 +179,7 @@ class Trace:
                     if k is not None and o.is_floating_point():
                         relevant.add(k)
 
+        folded_adds, folded_biases = _bias_folds(self, relevant)
         R: Dict[Key, Tensor] = {out_key: seed.detach().to(dtype).clone()}
         for rec in reversed(self.records):
             r_outs = [None if k is None else R.get(k) for k in rec.out_keys]
@@ -182,6 +191,7 @@ class Trace:
             if rule is None:
                 raise NotImplementedError(f"reference engine has no rule for aten.{rec.name}")
             ctx = _Ctx(self, rec, r_outs, relevant, epsilon, dtype)
+            ctx.bias, ctx.folded = folded_biases.get(id(rec)), id(rec) in folded_adds
             for value, r in rule(ctx):
                 key = self.key_of_value[id(value)]
                 if key not in relevant or r is None:
@@ -194,6 +204,47 @@ class Trace:
             r = None if key is None else R.get(key)
             results.append(torch.zeros(t.shape, dtype=dtype) if r is None else r)
         return tuple(results)
+
+
+_LINEAR_OPS = ("mm", "bmm", "mv")
+_RESHAPE_OPS = ("view", "_unsafe_view", "reshape", "_reshape_alias")
+
+
+def _bias_folds(trace: Trace, relevant: set) -> Tuple[set, Dict[int, Tensor]]:
+    """Find ``reshape*(B(x, w)) + b`` (see the table above): the ids of the folded add records,
+    and the bias of each folded linear record (by record id)."""
+    key = lambda v: trace.key_of_value[id(v)]  # noqa: E731
+    producer: Dict[Key, OpRecord] = {}
+    uses: Dict[Key, int] = {}
+    for rec in trace.records:
+        for a in rec.tensor_args():
+            uses[key(a)] = uses.get(key(a), 0) + 1
+        for k in rec.out_keys:
+            if k is not None:
+                producer[k] = rec
+    adds, biases = set(), {}
+    for rec in trace.records:
+        alpha = rec.kwargs.get("alpha", rec.args[2] if len(rec.args) > 2 else 1)
+        if rec.name != "add" or alpha != 1 or not all(isinstance(a, Tensor) for a in rec.args[:2]):
+            continue
+        out = rec.outs[0]
+        for lin_pos in (0, 1):
+            y, b = rec.args[lin_pos], rec.args[1 - lin_pos]
+            if key(b) in relevant or b.dim() != 1 or b.shape[0] not in (1, out.shape[-1]) or y.shape != out.shape:
+                continue
+            src = producer.get(key(y))
+            while src is not None and src.name in _RESHAPE_OPS and uses[key(src.outs[0])] == 1:
+                src = producer.get(key(src.args[0]))
+            if src is None or src.name not in _LINEAR_OPS or uses[key(src.outs[0])] != 1:
+                continue
+            if src.outs[0].shape[-1:] != out.shape[-1:]:
+                continue
+            if sum(key(a) in relevant for a in src.args[:2]) != 1:
+                continue
+            adds.add(id(rec))
+            biases[id(src)] = b
+            break
+    return adds, biases
 
 
 def record(fn: Callable[[], Any]) -> Trace:
@@ -214,6 +265,8 @@ class _Ctx:
                  dtype: torch.dtype) -> None:
         self.trace, self.rec, self.r_outs, self.relevant = trace, rec, r_outs, relevant
         self.eps, self.dtype = eps, dtype
+        self.bias: Optional[Tensor] = None  # a folded bias (linear maps)
+        self.folded = False  # an add whose bias a linear map took over
 
     def arg(self, i: int, name: Optional[str] = None, default: Any = None) -> Any:
         """Positional argument ``i`` (or keyword ``name``), ``default`` when absent."""
@@ -240,8 +293,11 @@ class _Ctx:
         ]
 
     def s(self) -> Tensor:
-        """``R / stab(z)`` with the recorded output as ``z``."""
-        return self.out / stab(self.rec.outs[0].to(self.dtype), self.eps)
+        """``R / stab(z)`` with the recorded output (plus a folded bias) as ``z``."""
+        z = self.rec.outs[0].to(self.dtype)
+        if self.bias is not None:
+            z = z + self.bias.to(self.dtype)
+        return self.out / stab(z, self.eps)
 
 
 def stab(z: Tensor, eps: float) -> Tensor:
@@ -382,6 +438,10 @@ def product_rule(ctx: _Ctx):
 
 # -- sums: epsilon on signed contributions -------------------------------------------------------
 def add_rule(ctx: _Ctx, sign: float = 1.0):
+    if ctx.folded:  # the linear map before it took the bias: everything to the map's output
+        a, b = ctx.arg(0), ctx.arg(1)
+        yield (a, ctx.out) if ctx.rel(a) else (b, ctx.out)
+        return
     alpha = ctx.rec.kwargs.get("alpha", ctx.arg(2, default=1))
     s = ctx.s()
     a, b = ctx.arg(0), ctx.arg(1)
@@ -485,7 +545,55 @@ def batch_norm_rule(ctx: _Ctx):
     yield ctx.arg(0), a * x * ctx.s()
 
 
+def select_two_rule(ctx: _Ctx):
+    """Elementwise max/min of two tensors: ``R`` shared by the operands equal to the recorded output."""
+    out = ctx.rec.outs[0].to(ctx.dtype)
+    a_val, b_val = ctx.arg(0), ctx.arg(1)
+    a = a_val.to(ctx.dtype).expand(out.shape)
+    b = b_val.to(ctx.dtype).expand(out.shape)
+    hit_a = ((a == out) | (a.isnan() & out.isnan())).to(ctx.dtype)
+    hit_b = ((b == out) | (b.isnan() & out.isnan())).to(ctx.dtype)
+    total = hit_a + hit_b
+    assert bool((total > 0).all()), "the output of a max/min equals one of its operands"
+    if ctx.rel(a_val):
+        yield a_val, reduce_to(ctx.out * hit_a / total, a_val.shape)
+    if ctx.rel(b_val):
+        yield b_val, reduce_to(ctx.out * hit_b / total, b_val.shape)
+
+
+def logsumexp_rule(ctx: _Ctx):
+    """Smooth max: ``R_x = softmax(x) * R`` over the reduced dims, 0 where ``x = -inf``."""
+    x_val = ctx.arg(0)
+    x = x_val.to(ctx.dtype)
+    reduced = _reduced_dims(x, ctx.arg(1, "dim"))
+    r = ctx.out
+    if not ctx.arg(2, "keepdim", False):
+        for d in reduced:
+            r = r.unsqueeze(d)
+    top = x.amax(dim=reduced, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    e = torch.exp(x - top)
+    p = e / e.sum(dim=reduced, keepdim=True)
+    yield x_val, torch.where(x == float("-inf"), torch.zeros_like(p), p * r)
+
+
+def cumprod_rule(ctx: _Ctx):
+    """``y_k = x_1 ... x_k``: each ``R_{y_k}`` split evenly over its ``k`` factors (explicit loop)."""
+    x_val = ctx.arg(0)
+    r = ctx.out
+    if r.dim() == 0:
+        yield x_val, r
+        return
+    dim = ctx.arg(1, "dim") % r.dim()
+    rx = torch.zeros_like(r)
+    for k in range(r.shape[dim]):
+        share = r.narrow(dim, k, 1) / (k + 1)
+        rx.narrow(dim, 0, k + 1).add_(share)
+    yield x_val, rx
+
+
 IDENTITY_OPS = (
+    "atan",
     "relu", "gelu", "silu", "tanh", "sigmoid", "leaky_relu", "hardtanh", "elu", "hardswish",
     "neg", "clone", "_to_copy", "detach", "alias", "lift_fresh",
 )
@@ -512,6 +620,12 @@ RULES.update(
         "avg_pool2d": avg_pool2d_rule,
         "_adaptive_avg_pool2d": adaptive_avg_pool2d_rule,
         "max_pool2d_with_indices": max_pool_rule,
+        "maximum": select_two_rule,
+        "minimum": select_two_rule,
+        "fmax": select_two_rule,
+        "fmin": select_two_rule,
+        "logsumexp": logsumexp_rule,
+        "cumprod": cumprod_rule,
         "native_batch_norm": batch_norm_rule,
         "_native_batch_norm_legit_no_training": batch_norm_rule,
     }

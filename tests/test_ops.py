@@ -6,6 +6,8 @@ relevance ``R`` and compares the engine's relevance at ``x`` with the formula.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,6 +98,7 @@ NONLINEAR = {
     "relu6": F.relu6,
     "neg": torch.neg,
     "softplus": F.softplus,
+    "atan": torch.atan,
 }
 
 
@@ -361,3 +364,223 @@ def test_parameters_can_be_requested_as_leaves():
     s = seed / stab(out.detach(), EPS)
     torch.testing.assert_close(rx, 0.5 * x.detach() * (s @ lin.weight.detach()))
     torch.testing.assert_close(rw, 0.5 * lin.weight.detach() * (s.t() @ x.detach()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise max / min of two tensors: winner takes all, ties halved, NaN conserved.
+SELECT_TWO = {
+    "maximum": (torch.maximum, True, False),
+    "minimum": (torch.minimum, False, False),
+    "fmax": (torch.fmax, True, True),
+    "fmin": (torch.fmin, False, True),
+}
+
+
+def _weight_of_a(a, b, larger, skip_nan):
+    # Written out element by element: 1 if the op returns a, 0 if b, 1/2 for a tie.
+    w = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=DT)
+    a, b = a.expand(w.shape), b.expand(w.shape)
+    for i in range(w.numel()):
+        ai, bi = float(a.reshape(-1)[i]), float(b.reshape(-1)[i])
+        nan_a, nan_b = math.isnan(ai), math.isnan(bi)
+        if nan_a and nan_b:
+            value = 0.5
+        elif nan_a or nan_b:
+            value = float(nan_a != skip_nan)  # a NaN is returned by maximum, skipped by fmax
+        elif ai == bi:
+            value = 0.5
+        else:
+            value = float((ai > bi) == larger)
+        w.view(-1)[i] = value
+    return w
+
+
+@pytest.mark.parametrize("name", sorted(SELECT_TWO))
+def test_elementwise_max_min_is_winner_takes_all(name):
+    op, larger, skip_nan = SELECT_TWO[name]
+    a, b = leaf(4, 5), leaf(1, 5)
+    with torch.no_grad():  # ties, a NaN on either side, and both NaN
+        a[0, 0] = b[0, 0] = 0.25
+        a[1, 1] = a[2, 1] = float("nan")
+        b[0, 2] = float("nan")
+        a[3, 2] = float("nan")
+    out = op(a, b)
+    seed = torch.randn_like(out)
+    ra, rb = engine_relevance(out, (a, b), seed)
+    w = _weight_of_a(a.detach(), b.detach(), larger, skip_nan)
+    torch.testing.assert_close(ra, w * seed)
+    torch.testing.assert_close(rb, ((1 - w) * seed).sum(0, keepdim=True))
+    # Conserves exactly, NaN included (the gradient would hand both operands all of it there).
+    torch.testing.assert_close(ra.sum() + rb.sum(), seed.sum())
+
+
+@pytest.mark.parametrize("name", sorted(SELECT_TWO))
+def test_elementwise_max_min_equals_the_gradient_where_finite(name):
+    # Away from NaN the rule is the op's own VJP, ties halved as torch's gradient halves them.
+    op = SELECT_TWO[name][0]
+    a = leaf(3, 4)
+    b = torch.where(torch.rand(3, 4) < 0.3, a.detach(), torch.randn(3, 4, dtype=DT)).requires_grad_(True)
+    out = op(a, b)
+    seed = torch.randn_like(out)
+    ra, rb = engine_relevance(out, (a, b), seed)
+    ga, gb = torch.autograd.grad(out, (a, b), seed)
+    torch.testing.assert_close(ra, ga)
+    torch.testing.assert_close(rb, gb)
+
+
+def test_maximum_with_a_constant_gives_the_activation_its_wins_only():
+    # maximum(x, 0) as a ReLU spelt out: x keeps R where it won, half at ties, the constant
+    # absorbs the rest (where it was selected the output did not come from x).
+    x = leaf(4, 6)
+    with torch.no_grad():
+        x[0, :2] = 0.0
+    out = torch.maximum(x, torch.zeros((), dtype=DT))
+    seed = torch.randn_like(out)
+    (r,) = engine_relevance(out, x, seed)
+    xd = x.detach()
+    share = torch.where(xd > 0, 1.0, torch.where(xd == 0, 0.5, 0.0)).to(DT)
+    torch.testing.assert_close(r, share * seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# logsumexp: a smooth max, routed with its softmax weights.
+@pytest.mark.parametrize(
+    "dims, keepdim",
+    [(1, False), (-1, True), ((0, 2), False), ((0, 1, 2), True)],
+    ids=["dim", "neg_keepdim", "two", "all"],
+)
+def test_logsumexp_routes_by_softmax_weights(dims, keepdim):
+    x = leaf(2, 3, 4)
+    out = torch.logsumexp(x, dims, keepdim=keepdim)
+    seed = torch.randn_like(out)
+    (r,) = engine_relevance(out, x, seed)
+    reduced = [d % 3 for d in (dims if isinstance(dims, tuple) else (dims,))]
+    xd = x.detach()
+    e = (xd - xd.amax(dim=reduced, keepdim=True)).exp()
+    p = e / e.sum(dim=reduced, keepdim=True)
+    s = seed
+    if not keepdim:
+        for d in sorted(reduced):
+            s = s.unsqueeze(d)
+    torch.testing.assert_close(r, p * s)
+    torch.testing.assert_close(r.sum(), seed.sum())  # conserves exactly
+
+
+def test_logsumexp_of_masked_entries_gives_zero_not_nan():
+    x = leaf(3, 4)
+    mask = torch.tensor([[False, True, False, True], [True, True, True, True], [False] * 4])
+    scores = x.masked_fill(mask, float("-inf"))
+    out = torch.logsumexp(scores, dim=1)
+    seed = torch.tensor([1.0, 2.0, 3.0], dtype=DT)  # row 1 is fully masked: its lse is -inf
+    (r,) = engine_relevance(out, x, seed)
+    assert torch.isfinite(r).all()
+    assert (r[mask] == 0).all()
+    torch.testing.assert_close(r[0].sum(), seed[0])
+    torch.testing.assert_close(r[2].sum(), seed[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# cumprod: y_k = x_1 ... x_k, R_{y_k} split evenly over its k factors.
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_cumprod_splits_evenly_over_the_factors(dim):
+    x = leaf(3, 4, 5)
+    out = x.cumprod(dim)
+    seed = torch.randn_like(out)
+    (r,) = engine_relevance(out, x, seed)
+    d = dim % 3
+    expected = torch.zeros_like(seed)
+    sm, em = seed.movedim(d, 0), expected.movedim(d, 0)
+    for k in range(sm.shape[0]):  # output k (0-based) has k + 1 factors: x_0 ... x_k
+        for j in range(k + 1):
+            em[j] += sm[k] / (k + 1)
+    torch.testing.assert_close(r, expected)
+    torch.testing.assert_close(r.sum(), seed.sum())  # conserves exactly
+
+
+def test_cumprod_of_two_is_bilinear_uniform():
+    # Along a dim of length 2: y_1 = x_1 (copy), y_2 = x_1 x_2 (half each).
+    x = leaf(4, 2)
+    out = x.cumprod(1)
+    seed = torch.randn_like(out)
+    (r,) = engine_relevance(out, x, seed)
+    torch.testing.assert_close(r[:, 0], seed[:, 0] + seed[:, 1] / 2)
+    torch.testing.assert_close(r[:, 1], seed[:, 1] / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The new ops: replay, coverage, and agreement with the independent reference engine.
+class _NewOps(nn.Module):
+    """A tiny model using atan, maximum, minimum, fmax, fmin, logsumexp and cumprod."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, g = self.a(x), self.b(x)
+        h = torch.atan(h) + torch.maximum(h, g) - torch.minimum(h, 0.5 * g)
+        h = h + torch.fmax(g, torch.zeros((), dtype=g.dtype)) + torch.fmin(h, g)
+        h = h + torch.logsumexp(torch.stack([h, g], dim=-1), dim=-1)
+        h = h + torch.cumprod(torch.tanh(h).view(-1, 2, 4), dim=-1).flatten(1)
+        return self.head(h)
+
+
+NEW_OPS = ("AtanBackward0", "MaximumBackward0", "MinimumBackward0", "FmaxBackward0", "FminBackward0",
+           "LogsumexpBackward0", "CumprodBackward0")
+
+
+def test_new_ops_are_covered_without_fallback():
+    from captum_dynamiclrp import coverage
+
+    report = coverage(_NewOps().double(), torch.randn(2, 6, dtype=DT))
+    rows = {row.op: row for row in report.rows}
+    assert not report.uncovered, str(report)
+    for op in NEW_OPS:
+        assert rows[op].status == "covered" and "fallback" not in rows[op].rule, str(report)
+
+
+def test_new_ops_agree_with_the_reference_engine():
+    try:
+        from .reference_engine import record
+    except ImportError:  # pragma: no cover
+        from reference_engine import record
+
+    model = _NewOps().double()
+    x = leaf(2, 6)
+    trace = record(lambda: model(x))
+    out = trace.output
+    seed = out.detach().clone()
+    (expected,) = trace.relevance([x], seed, output=out, epsilon=EPS)
+    (r,) = engine_relevance(out, x, seed)
+    torch.testing.assert_close(r, expected, rtol=1e-9, atol=1e-10)
+
+
+NEW_OP_CASES = {
+    "atan": lambda x, y: torch.atan(x),
+    "maximum": lambda x, y: torch.maximum(x, y),
+    "maximum_const": lambda x, y: torch.maximum(x, torch.zeros((), dtype=DT)),
+    "minimum": lambda x, y: torch.minimum(x, y[:1]),
+    "fmax": lambda x, y: torch.fmax(x, y),
+    "fmin": lambda x, y: torch.fmin(x, y),
+    "logsumexp": lambda x, y: torch.logsumexp(x, 1),
+    "logsumexp_keepdim": lambda x, y: torch.logsumexp(x, (0, -1), keepdim=True),
+    "cumprod": lambda x, y: torch.cumprod(x, -1),
+    "cumprod_dtype": lambda x, y: torch.cumprod(x.float(), 0, dtype=DT),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEW_OP_CASES))
+def test_new_ops_replay_their_forward(name):
+    # The Promise System replays a node from the operands autograd kept: that must give its output.
+    from captum_dynamiclrp.rules import RULE_TABLE
+
+    x, y = leaf(3, 4), leaf(3, 4)
+    out = NEW_OP_CASES[name](x, y)
+    node = out.grad_fn
+    spec = RULE_TABLE[type(node).__name__]
+    kept = list(spec.kept_inputs(node))
+    torch.testing.assert_close(spec.forward(node, kept), out.detach())
+    if spec.kept_output is not None:
+        torch.testing.assert_close(spec.kept_output(node), out.detach())

@@ -10,13 +10,15 @@ module                 ops
                        clone, to/copy, flip, roll, max-pool, max/min/amax, topk,
                        sort, index_select, masked_fill, where, tril/triu, repeat,
                        unfold, nearest upsampling, embedding, scatter, index_put
-                       (node's own VJP)
+                       (node's own VJP); maximum, minimum, fmax, fmin (winner
+                       takes all, ties halved); logsumexp (softmax weights)
 ``elementwise``        ReLU, LeakyReLU, ELU, GELU, SiLU, tanh, sigmoid, hardswish,
                        hardtanh/ReLU6, softplus, mish, abs, exp, log, pow, sin,
-                       cos, erf, clamp, neg, dropout (identity)
+                       cos, erf, atan, clamp, neg, dropout (identity)
 ``arithmetic``         add, sub, sum, mean, cumsum, avg-pool, adaptive avg-pool,
                        linear interpolation, index_add, scatter_add (epsilon on
-                       contributions); mul, div, GLU, weight norm (bilinear uniform)
+                       contributions); mul, div, GLU, weight norm (bilinear uniform),
+                       cumprod (uniform over each output's factors)
 ``linear``             mm, addmm, bmm, baddbmm, mv, convolution (preset linear rule;
                        bilinear uniform between two activations)
 ``normalization``      batch norm (epsilon on the affine map), layer norm, group

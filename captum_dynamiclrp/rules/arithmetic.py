@@ -14,6 +14,16 @@ Products (mul, div) use the bilinear uniform rule of AttnLRP: each activation
 operand gets half of the relevance; with one constant operand, the activation
 gets all of it.
 
+A cumulative product :math:`y_k = \prod_{j \le k} x_j` (``cumprod`` along one dim)
+is a product of :math:`k` activations at each position :math:`k` (counted from 1), and
+the bilinear uniform rule generalised to :math:`k` factors splits :math:`R_{y_k}`
+evenly over them:
+
+.. math:: R_{x_j} = \sum_{k \ge j} \frac{R_{y_k}}{k},
+
+which conserves exactly (each :math:`R_{y_k}` is handed out :math:`k` times
+:math:`1/k`); :math:`y_1 = x_1` is a copy and passes its relevance on whole.
+
 Sum ops keep no operands (``AddBackward0`` keeps only ``alpha``): they are the
 *strict* promise-generating ops whose operands the Promise System recovers.
 """
@@ -174,7 +184,8 @@ def is_normaliser(node: Node, hops: int = 6) -> bool:
 _ELEMENTWISE_TYPES = frozenset(
     {"TanhBackward0", "SigmoidBackward0", "ErfBackward0", "PowBackward0", "ExpBackward0", "NegBackward0",
      "MulBackward0", "DivBackward0", "AddBackward0", "SubBackward0", "ReluBackward0", "GeluBackward0",
-     "SiluBackward0", "SoftplusBackward0", "HardsigmoidBackward0", "ClampBackward1", "LogSigmoidBackward0"}
+     "SiluBackward0", "SoftplusBackward0", "HardsigmoidBackward0", "ClampBackward1", "LogSigmoidBackward0",
+     "AtanBackward0"}
 )
 
 
@@ -242,6 +253,22 @@ def product_uniform_rule(ctx: RuleContext) -> list[MaybeTensor]:
     for (child, k), rel in zip(edges, relevant):
         result.append(sum_to(r, child._input_metadata[k].shape) if rel else None)
     return result
+
+
+def cumprod_uniform_rule(ctx: RuleContext) -> list[MaybeTensor]:
+    r"""Cumulative product: :math:`R_{x_j} = \sum_{k \ge j} R_{y_k} / k` along the dim (positions from 1).
+
+    Each output is the product of the first :math:`k` inputs; its relevance is split evenly
+    over those :math:`k` factors (bilinear uniform for :math:`k` factors), so relevance is
+    conserved exactly. Computed as a reversed cumulative sum of :math:`R_{y_k} / k`.
+    """
+    r = ctx.out
+    if r.dim() == 0:
+        return [r]
+    dim = signed_dim(saved(ctx.node, "dim")) % r.dim()
+    n = r.shape[dim]
+    counts = torch.arange(1, n + 1, dtype=r.dtype, device=r.device).view([n] + [1] * (r.dim() - dim - 1))
+    return [(r / counts).flip(dim).cumsum(dim).flip(dim)]
 
 
 def _product(forward, kept_inputs) -> OpSpec:
@@ -342,5 +369,12 @@ ARITHMETIC: dict[str, OpSpec] = {
     "MulBackward1": _product(lambda n, x: x[0] * saved(n, "other"), _kept_scalar_other),
     "DivBackward0": _product(lambda n, x: x[0] / x[1], _kept_self_other),
     "DivBackward1": _product(lambda n, x: x[0] / saved(n, "other"), _kept_scalar_other),
+    "CumprodBackward0": OpSpec(
+        family="bilinear uniform (products)",
+        rule=cumprod_uniform_rule,
+        forward=lambda n, x: x[0].cumprod(signed_dim(saved(n, "dim")), dtype=n._input_metadata[0].dtype),
+        kept_inputs=_kept_self,
+        kept_output=lambda n: saved(n, "result"),
+    ),
 }
 

@@ -3,7 +3,8 @@ r"""Elementwise nonlinearities: the identity rule.
 Rule: :math:`R_x = R_z` element by element. For positively homogeneous
 activations (ReLU, LeakyReLU, max) this is what the epsilon rule gives
 (:math:`x f'(x) = f(x)`); for smooth ones (GELU, SiLU, tanh, ...) it is the
-AttnLRP convention of letting relevance pass through the nonlinearity untouched.
+AttnLRP convention of letting relevance pass through the nonlinearity untouched
+(``atan`` too: a squashing function like tanh).
 
 Each entry also says how autograd kept the forward value: either the result
 itself (the node is an Arg Node) or its input (the output is one replay away).
@@ -74,6 +75,7 @@ ELEMENTWISE: dict[str, OpSpec] = {
     "SinBackward0": _from_input(lambda n, x: x[0].sin()),
     "CosBackward0": _from_input(lambda n, x: x[0].cos()),
     "ErfBackward0": _from_input(lambda n, x: torch.erf(x[0])),
+    "AtanBackward0": _from_input(lambda n, x: x[0].atan()),
     "LogSigmoidBackward0": _from_input(lambda n, x: F.logsigmoid(x[0])),
     "ClampBackward1": _from_input(lambda n, x: x[0].clamp(saved(n, "min"), saved(n, "max"))),
     "ClampMinBackward0": _from_input(lambda n, x: x[0].clamp(min=saved(n, "min"))),

@@ -6,6 +6,36 @@ pick this hands every output element's relevance to the input element it came
 from (summed where an input element was copied to several outputs), so routing
 conserves relevance exactly and costs what the gradient costs.
 
+Two selections have their rule written out instead of calling the node, because
+the gradient does not route every output element exactly once:
+
+* Elementwise ``maximum`` / ``minimum`` / ``fmax`` / ``fmin`` of two tensors
+  (winner takes all): with :math:`w_a = [a \text{ selected}] + \tfrac12 [a = b]`,
+
+  .. math:: R_a = w_a \odot R, \qquad R_b = (1 - w_a) \odot R,
+
+  summed over broadcast dimensions. Ties split evenly, as torch's gradient does. At a
+  NaN the gradient hands *both* operands the full relevance (it would double it); here
+  the operand the op returned takes it: the NaN for ``maximum`` / ``minimum``, the
+  other operand for ``fmax`` / ``fmin`` (which skip NaN), half each when both are NaN.
+  So :math:`R_a + R_b = R` everywhere. When one operand is a constant (an untracked
+  tensor, ``torch.maximum(x, zeros)``) it takes its share and that share is absorbed:
+  the activation gets :math:`R` where it won, :math:`R/2` at ties, nothing where the
+  constant was selected.
+* ``logsumexp`` (a smooth max): the relevance is routed with the softmax weights,
+
+  .. math:: R_{x_i} = p_i R, \qquad p_i = e^{x_i - \mathrm{lse}(x)},
+
+  which is the node's own vector-Jacobian product (:math:`\partial\,\mathrm{lse} /
+  \partial x_i = p_i`). It conserves exactly (:math:`\sum_i p_i = 1`), is invariant to a
+  shift of all inputs like the op itself, and tends to the winner-takes-all rule of
+  ``max`` / ``amax`` as the inputs spread apart. The Deep Taylor alternative on the
+  decomposition :math:`\mathrm{lse}(x) = \sum_i p_i x_i + H(p)` (AttnLRP's view of the
+  softmax, the entropy :math:`H(p)` a bias) would absorb :math:`H(p) R / \mathrm{lse}`,
+  change under a shift of the inputs and divide by :math:`\mathrm{lse}`, which may be 0.
+  Entries at :math:`-\infty` (masked) get 0, and a fully masked slice (all
+  :math:`-\infty`) hands on nothing instead of the gradient's NaN.
+
 Each entry also says how to replay the op's forward on its operand, which the
 Promise System needs when a routing node sits on a Promise Branch.
 """
@@ -18,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import MaybeTensor, Node, OpSpec, RuleContext, node_vjp, saved, signed_dim
+from .base import MaybeTensor, Node, OpSpec, RuleContext, node_vjp, saved, signed_dim, sum_to
 
 
 def vjp_rule(ctx: RuleContext) -> Sequence[MaybeTensor]:
@@ -90,6 +120,82 @@ def _where(node: Node, inputs: list) -> Tensor:
 def _to_copy(node: Node, inputs: list) -> Tensor:
     meta = node._input_metadata[0]
     return inputs[0].to(dtype=meta.dtype, device=meta.device)
+
+
+def _first_selected(a: Tensor, b: Tensor, larger: bool, skip_nan: bool) -> Tensor:
+    r"""Weight :math:`w_a` of the first operand in an elementwise max/min (broadcast shape, floating point).
+
+    1 where ``a`` is the value returned, 0 where ``b`` is, 1/2 at ties (both equal or both NaN).
+    """
+    wins = a > b if larger else a < b
+    w = torch.where(a == b, 0.5, wins.to(a.dtype))
+    nan_a, nan_b = a.isnan(), b.isnan()
+    # maximum/minimum return a NaN operand; fmax/fmin return the other one.
+    w = torch.where(nan_a, 0.0 if skip_nan else 1.0, w)
+    w = torch.where(nan_b, 1.0 if skip_nan else 0.0, w)
+    return torch.where(nan_a & nan_b, 0.5, w)
+
+
+def winner_takes_all_rule(larger: bool, skip_nan: bool):
+    r"""Rule of an elementwise max/min of two tensors: :math:`R_a = w_a R`, :math:`R_b = (1 - w_a) R`.
+
+    Args:
+        larger (bool): ``True`` for ``maximum`` / ``fmax``, ``False`` for ``minimum`` / ``fmin``.
+        skip_nan (bool): ``True`` for ``fmax`` / ``fmin``, which return the non-NaN operand.
+
+    Returns:
+        callable: The rule; it reads the operands autograd kept (``self`` and ``other``).
+    """
+
+    def rule(ctx: RuleContext) -> list[MaybeTensor]:
+        node = ctx.node
+        r = ctx.out
+        a, b = saved(node, "self"), saved(node, "other")
+        w_a = _first_selected(a.to(r.dtype), b.to(r.dtype), larger, skip_nan)
+        result: list[MaybeTensor] = []
+        for (child, k), rel, share in zip(node.next_functions, ctx.relevant, (w_a, 1.0 - w_a)):
+            result.append(sum_to(share * r, child._input_metadata[k].shape) if rel else None)
+        return result
+
+    return rule
+
+
+def _winner_takes_all(forward, larger: bool, skip_nan: bool) -> OpSpec:
+    return OpSpec(
+        family="routing (winner takes all)",
+        rule=winner_takes_all_rule(larger, skip_nan),
+        forward=lambda n, x: forward(*_kept_or_given(n, x)),
+        kept_inputs=lambda n: (saved(n, "self"), saved(n, "other")),
+    )
+
+
+def _kept_or_given(node: Node, inputs: list) -> tuple:
+    # Both operands are always kept; an untracked constant is only available that way.
+    a, b = inputs
+    return (saved(node, "self") if a is None else a, saved(node, "other") if b is None else b)
+
+
+def _lse_dims(node: Node, ndim: int) -> list[int]:
+    dims = [signed_dim(d) % max(ndim, 1) for d in saved(node, "dim")]
+    return sorted(dims) if dims else list(range(ndim))
+
+
+def smooth_max_rule(ctx: RuleContext) -> list[MaybeTensor]:
+    r"""``logsumexp``: :math:`R_{x_i} = p_i R` with :math:`p = e^{x - \mathrm{lse}(x)}`; 0 at :math:`-\infty`."""
+    node = ctx.node
+    r = ctx.out
+    x = saved(node, "self").to(r.dtype)
+    lse = saved(node, "result").to(r.dtype)
+    if x.dim() > 0 and not saved(node, "keepdim"):
+        for d in _lse_dims(node, x.dim()):
+            lse, r = lse.unsqueeze(d), r.unsqueeze(d)
+    p = torch.exp(x - lse)
+    return [torch.where(x == float("-inf"), 0.0, p * r)]
+
+
+def _logsumexp(node: Node, inputs: list) -> Tensor:
+    x = inputs[0]
+    return torch.logsumexp(x, _lse_dims(node, x.dim()), keepdim=bool(saved(node, "keepdim")))
 
 
 def _routing(forward, kept_inputs=None, kept_output=None) -> OpSpec:
@@ -201,5 +307,22 @@ ROUTING.update(
         "MinBackward1": _routing(None, kept_output=lambda n: saved(n, "result")),
         "AmaxBackward0": _routing(None, kept_output=lambda n: saved(n, "result")),
         "AminBackward0": _routing(None, kept_output=lambda n: saved(n, "result")),
+    }
+)
+# Elementwise max/min of two tensors: winner takes all, ties halved, conserving at NaN.
+ROUTING.update(
+    {
+        "MaximumBackward0": _winner_takes_all(torch.maximum, larger=True, skip_nan=False),
+        "MinimumBackward0": _winner_takes_all(torch.minimum, larger=False, skip_nan=False),
+        "FmaxBackward0": _winner_takes_all(torch.fmax, larger=True, skip_nan=True),
+        "FminBackward0": _winner_takes_all(torch.fmin, larger=False, skip_nan=True),
+        # A smooth max: routed with the softmax weights (its own gradient), masked entries excluded.
+        "LogsumexpBackward0": OpSpec(
+            family="routing (softmax weights of a smooth max)",
+            rule=smooth_max_rule,
+            forward=_logsumexp,
+            kept_inputs=lambda n: (saved(n, "self"),),
+            kept_output=lambda n: saved(n, "result"),
+        ),
     }
 )
