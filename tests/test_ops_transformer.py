@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from captum_dynamiclrp.engine import relevance
+from captum_dynamiclrp.errors import UnrecoverableOperandError
 from captum_dynamiclrp.rules import CP_LRP_OVERRIDES, RuleSettings
 
 from .conftest import stab
@@ -118,6 +119,64 @@ def test_fused_attention_equals_its_decomposition(name, preset):
         # All relevance flows into v: conservation up to the stabiliser.
         z = fused.detach()
         torch.testing.assert_close(r_fused[2].sum(), (seed * z / stab(z, EPS)).sum())
+
+
+# The CUDA backends: each forced in turn, its node must give what the math backend's decomposition
+# gives on the same inputs. Flash attention needs half precision; the reference then runs in float64
+# from the same half-precision values, so the tolerance is that of a float16 / bfloat16 forward.
+CUDA_BACKENDS = {
+    "flash": (SDPBackend.FLASH_ATTENTION, "ScaledDotProductFlashAttentionBackward0"),
+    "efficient": (SDPBackend.EFFICIENT_ATTENTION, "ScaledDotProductEfficientAttentionBackward0"),
+    "cudnn": (SDPBackend.CUDNN_ATTENTION, "ScaledDotProductCudnnAttentionBackward0"),
+}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", ["plain", "causal", "float_mask", "gqa", "scale"])
+@pytest.mark.parametrize("backend", sorted(CUDA_BACKENDS))
+def test_cuda_attention_backend_equals_the_math_decomposition(backend, case, dtype):
+    kernel, node_name = CUDA_BACKENDS[backend]
+    torch.manual_seed(0)
+    shape_kv = (2, 2 if case == "gqa" else 4, 16, 64)
+    q, k, v = (torch.randn(*s, device="cuda", dtype=dtype, requires_grad=True) for s in ((2, 4, 16, 64), shape_kv, shape_kv))
+    kwargs = {}
+    if case == "causal":
+        kwargs["is_causal"] = True
+    if case == "float_mask":
+        kwargs["attn_mask"] = torch.randn(16, 16, device="cuda", dtype=dtype)
+    if case == "gqa":
+        kwargs["enable_gqa"] = True
+    if case == "scale":
+        kwargs["scale"] = 0.05
+    try:
+        with sdpa_kernel(kernel):
+            fused = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    except RuntimeError as err:  # this GPU / build cannot run the backend with these arguments
+        pytest.skip(f"{backend} cannot run {case} in {dtype}: {str(err).splitlines()[0]}")
+    assert type(fused.grad_fn).__name__ == node_name
+    seed = torch.randn(fused.shape, device="cuda", dtype=torch.float32)
+    r_fused = relevance(fused, (q, k, v), seed, settings=RuleSettings(epsilon=EPS))
+
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    kwargs64 = {key: value.double() if torch.is_tensor(value) else value for key, value in kwargs.items()}
+    with sdpa_kernel(SDPBackend.MATH):
+        math = F.scaled_dot_product_attention(q64, k64, v64, **kwargs64)
+    r_math = relevance(math, (q64, k64, v64), seed.double(), settings=RuleSettings(epsilon=EPS))
+    for got, expected in zip(r_fused, r_math):
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-2 * scale)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (on CPU, attention with dropout is decomposed)")
+def test_fused_attention_with_dropout_is_a_clear_error():
+    q, k, v = (torch.randn(2, 4, 16, 64, device="cuda", requires_grad=True) for _ in range(3))
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    assert "Attention" in type(out.grad_fn).__name__
+    with pytest.raises(UnrecoverableOperandError, match="dropout"):
+        relevance(out, (q, k, v), torch.randn_like(out), settings=RuleSettings(epsilon=EPS))
 
 
 def test_attention_output_conserves_into_q_k_v():

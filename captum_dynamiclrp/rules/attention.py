@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import UnrecoverableOperandError
 from .base import MaybeTensor, Node, OpSpec, RuleContext, ratio, saved, signed_dim, stabilize
 
 
@@ -134,6 +135,12 @@ def _attention_relevance(
 def sdpa_rule(ctx: RuleContext) -> list[MaybeTensor]:
     """Fused attention: the composition of the bilinear, softmax and epsilon rules."""
     node = ctx.node
+    dropout = saved(node, "dropout_p")
+    if dropout:  # the fused kernels draw their dropout mask internally: it cannot be rebuilt
+        raise UnrecoverableOperandError(
+            f"fused attention ({type(node).__name__}) ran with dropout_p={dropout}: its dropout mask cannot be "
+            "recovered; call model.eval() (or pass dropout_p=0) before explaining"
+        )
     q, k, v = saved(node, "query"), saved(node, "key"), saved(node, "value")
     mask = _first(node, "attn_mask", "attn_bias")
     # Under CP-LRP the attention probabilities are constants: q and k get nothing.
