@@ -158,15 +158,27 @@ class _Exploding(nn.Module):
         raise RuntimeError("boom")
 
 
+class _Opaque(torch.autograd.Function):
+    """A user-defined autograd function: its node type can never be in the rule table."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2
+
+
 class _NoRule(nn.Module):
-    """The model's output through an op with no rule (atan)."""
+    """The model's output through an op with no rule (a custom autograd function)."""
 
     def __init__(self, model: Callable) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, *args):
-        return torch.atan(self.model(*args))
+        return _Opaque.apply(self.model(*args))
 
 
 def _raise_rule(ctx):
