@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from captum._utils.common import (
@@ -19,7 +19,7 @@ from captum.attr import Attribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from .engine import Engine
+from .engine import Engine, SavedTensorStore
 from .errors import UnsupportedOperationError
 from .modules import buffers_restored, in_training_mode, locate_module, owning_module, parameters_tracked
 from .presets import Preset, resolve_preset
@@ -63,6 +63,74 @@ def check_devices(module: Optional[nn.Module], tensors: tuple) -> None:
             )
 
 
+def nonfinite_positions(tensors: Sequence[Tensor]) -> list[int]:
+    r"""Positions of the tensors that hold NaN or inf.
+
+    The per-tensor flags are reduced on the device and read back together: one host
+    synchronisation per device (one in practice), not one per tensor. Tensors on the
+    ``meta`` device hold no values and are skipped.
+
+    Args:
+        tensors (Sequence[Tensor]): Tensors to check; non-tensors are skipped.
+
+    Returns:
+        list[int]: Indices into ``tensors`` of the non-finite ones, in order.
+    """
+    by_device: dict[torch.device, list[tuple[int, Tensor]]] = {}
+    for i, t in enumerate(tensors):
+        if isinstance(t, Tensor) and t.device.type != "meta":
+            by_device.setdefault(t.device, []).append((i, torch.isfinite(t).all()))
+    bad: list[int] = []
+    for flagged in by_device.values():
+        finite = torch.stack([flag for _, flag in flagged])
+        if not bool(finite.all()):  # the one host sync; tolist() only on the failure path
+            bad.extend(i for (i, _), ok in zip(flagged, finite.tolist()) if not ok)
+    return sorted(bad)
+
+
+def check_inputs_finite(tensors: Sequence[Tensor]) -> None:
+    """Inputs must be finite: LRP of a NaN or inf input is undefined."""
+    bad = nonfinite_positions(tensors)
+    if bad:
+        raise ValueError(f"An input contains NaN or inf (input {bad[0]} of {len(tensors)}).")
+
+
+def warn_if_relevance_not_finite(
+    relevances: Sequence[Tensor], what: str = "input", method: str = "DynamicLRP"
+) -> None:
+    r"""Warn when relevance came out NaN or inf although the inputs and the output are finite.
+
+    That happens when the model makes an infinity *from the input* inside the forward (a log
+    of zero, a ``-inf`` mask built from the input, an overflowing ``exp``) and a rule then
+    meets ``inf * 0`` or ``inf - inf``. A warning rather than an error: the attributions of
+    the other examples (rows without NaN) are still valid, and the caller decides.
+
+    Args:
+        relevances (Sequence[Tensor]): The attributions about to be returned.
+        what (str, optional): What they are the relevance of, for the message
+            (``"input"``, ``"layer output"``, ...). Default: ``"input"``.
+        method (str, optional): Name of the attribution method, for the message.
+            Default: ``"DynamicLRP"``.
+    """
+    bad = nonfinite_positions(relevances)
+    if not bad:
+        return
+    details = []
+    for i in bad:  # failure path only: extra syncs are fine here
+        r = relevances[i]
+        rows = (~torch.isfinite(r.reshape(r.shape[0], -1)).all(1)).nonzero().flatten().tolist() if r.dim() else []
+        details.append(f"{what} {i}" + (f" (examples {rows})" if rows else ""))
+    warnings.warn(
+        f"{method}: the relevance of {', '.join(details)} contains NaN or inf although the inputs and "
+        "the model output are finite. The model most likely produces inf/-inf from the input inside the "
+        "forward (e.g. a log of zero, a -inf mask built from the input, an overflowing exp) and a rule "
+        "met inf * 0; constant masks such as attention masks are fine. Attributions of the listed "
+        "examples are not meaningful: make the model finite inside (e.g. clamp before the log, or use "
+        "finfo.min instead of -inf) to explain them.",
+        stacklevel=4,  # the caller, past attribute() and captum.log.log_usage
+    )
+
+
 @contextlib.contextmanager
 def forward_context(module: Optional[nn.Module]) -> Iterator[None]:
     """Grad on (also under no_grad / inference_mode), parameters tracked, statistics restored."""
@@ -78,7 +146,7 @@ def check_scores(output: Any) -> Tensor:
             "Wrap the model so that it returns the logits, e.g. lambda x: model(x).logits, "
             "or use captum_dynamiclrp.scores_of."
         )
-    if not bool(torch.isfinite(output.detach()).all()):  # one host sync per call
+    if nonfinite_positions([output.detach()]):  # one host sync per call; skipped on 'meta'
         raise ValueError("The model output contains NaN or inf; relevance of a non-finite score is undefined.")
     return output
 
@@ -194,14 +262,16 @@ class DynamicLRP(Attribution):
                     "attribute at the embedding output: pass the embeddings (e.g. inputs_embeds) as the "
                     "input, or run the engine's relevance() on the embedding tensor."
                 )
-            if not bool(torch.isfinite(x).all()):
-                raise ValueError("An input contains NaN or inf.")
         extra = _format_additional_forward_args(additional_forward_args)
         module = owning_module(self.forward_func)
         warn_if_training(module)
+        # Devices first: a value check on a tensor of the wrong device ('meta') fails inside torch.
         check_devices(module, formatted)
+        check_inputs_finite(formatted)
 
-        with forward_context(module):
+        # The store owns the tensors the forward saves, so that the walk frees them as it goes
+        # (as a backward pass does); it empties them all when the block ends.
+        with forward_context(module), SavedTensorStore() as saved:
             # Fresh leaves, so the user's tensors and their flags are never touched.
             leaves = tuple(x.detach().clone().requires_grad_(True) for x in formatted)
 
@@ -209,10 +279,11 @@ class DynamicLRP(Attribution):
                 args = leaves + tuple(extra) if extra is not None else leaves
                 return self.forward_func(*args)
 
-            output = check_scores(run_forward())
+            with saved.recording():
+                output = check_scores(run_forward())
             seed, selected = self._seed(output, target)
             try:
-                relevances = self.engine.relevance(output, leaves, seed)
+                relevances = self.engine.relevance(output, leaves, seed, saved=saved)
             except UnsupportedOperationError as err:
                 if module is not None and err.module_path is None:
                     path = locate_module(module, run_forward, err.node_type)
@@ -220,6 +291,7 @@ class DynamicLRP(Attribution):
                         raise UnsupportedOperationError(err.node_type, path) from None
                 raise
         attributions = tuple(relevances)
+        warn_if_relevance_not_finite(attributions)
         result = _format_output(is_tuple, attributions)
         if not return_convergence_delta:
             return result

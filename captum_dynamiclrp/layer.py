@@ -10,7 +10,15 @@ from captum.attr import LayerAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from .attribution import DynamicLRP, check_devices, check_keywords, check_scores, forward_context, warn_if_training
+from .attribution import (
+    DynamicLRP,
+    check_devices,
+    check_keywords,
+    check_scores,
+    forward_context,
+    warn_if_relevance_not_finite,
+    warn_if_training,
+)
 from .errors import DynamicLRPError
 from .modules import owning_module
 from .presets import Preset
@@ -108,6 +116,8 @@ class LayerDynamicLRP(LayerAttribution):
         extra = _format_additional_forward_args(additional_forward_args)
         module = owning_module(self.forward_func)
         warn_if_training(module)
+        # Devices before any value check (check_scores, the relevance check): values of a
+        # tensor on the wrong device ('meta') cannot be read.
         check_devices(module, formatted)
         captured: list[tuple] = []
 
@@ -152,6 +162,8 @@ class LayerDynamicLRP(LayerAttribution):
                 raise TypeError("The layer's tensors are not floating point: choose a layer after the embedding.")
             seed, selected = DynamicLRP._seed(output, target)
             relevances = self._lrp.engine.relevance(output, float_leaves, seed)
+        what = "layer input" if attribute_to_layer_input else "layer output"
+        warn_if_relevance_not_finite(relevances, what, "LayerDynamicLRP")
         single = len(leaves) == 1
         result = _format_output(not single, tuple(relevances))
         if not return_convergence_delta:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -70,22 +71,57 @@ def buffers_restored(module: Optional[nn.Module]) -> Iterator[None]:
                     buffer.copy_(value)
 
 
+# Frozen parameters that calls in progress have made require grad, by id: [parameter, number of
+# such calls]. Shared by all threads, so that the last call out, not the first, restores the flag.
+_TRACKED: dict[int, list] = {}
+_TRACKED_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def parameters_tracked(module: Optional[nn.Module]) -> Iterator[None]:
     """Let frozen parameters require grad during the forward, restoring every flag afterwards.
 
-    A parameter that does not require grad leaves no node in the autograd graph, so a
-    bias would vanish from the LRP denominators. Nothing is accumulated in ``.grad``:
-    the engine never calls backward.
+    A parameter that does not require grad leaves no node in the autograd graph, and
+    autograd keeps no copy of operands it needs no gradient for: a frozen bias, or a
+    frozen tensor added to an activation, would vanish from the LRP denominators. As a
+    tracked leaf it is in the graph (``AccumulateGrad.variable``). Nothing is accumulated
+    in ``.grad``: the engine never calls backward.
+
+    The flags are shared by every thread that runs the model, so the flips are counted:
+    the first call in makes a frozen parameter require grad, the last call out (in any
+    thread) makes it frozen again, and two calls on one model in two threads both run
+    their forward on tracked parameters, as sequential calls would. Only the bookkeeping
+    is locked, never the forward: a lock held for the forward would serialise calls on
+    one model. Running the forward on per-call aliases instead would need a thread-local
+    hook on every op (a ``TorchFunctionMode``, which TorchScript modules bypass), as the
+    module's attributes are shared too. Code outside DynamicLRP running the model
+    meanwhile sees the parameters unfrozen.
     """
-    frozen = [] if module is None else [p for p in module.parameters() if not p.requires_grad]
+    if module is None:
+        yield
+        return
+    mine: list[nn.Parameter] = []
     try:
-        for p in frozen:
-            p.requires_grad_(True)
+        with _TRACKED_LOCK:
+            for p in module.parameters():
+                entry = _TRACKED.get(id(p))
+                if entry is not None:  # frozen, already flipped by a call in progress
+                    entry[1] += 1
+                elif not p.requires_grad and (p.is_floating_point() or p.is_complex()):
+                    p.requires_grad_(True)
+                    _TRACKED[id(p)] = [p, 1]  # holding p keeps its id unique while the entry lives
+                else:
+                    continue
+                mine.append(p)
         yield
     finally:
-        for p in frozen:
-            p.requires_grad_(False)
+        with _TRACKED_LOCK:
+            for p in mine:
+                entry = _TRACKED[id(p)]
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del _TRACKED[id(p)]
+                    p.requires_grad_(False)
 
 
 def _current_sequence_nr() -> int:

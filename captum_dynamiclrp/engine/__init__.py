@@ -27,6 +27,7 @@ from ..rules.base import OpSpec, RuleSettings
 from .graph import AutogradGraph, build_graph
 from .plan import Plan, PlanCache
 from .promise import Promise, PromiseBranch
+from .saved import SavedTensorStore
 from .walker import NotConnectedError, build_plan, execute
 
 FALLBACK_SPEC = OpSpec(family="fallback (even split, NOT covered)", rule=product_uniform_rule, fallback=True)
@@ -82,6 +83,7 @@ class Engine:
         output: Tensor,
         inputs: Union[Tensor, Sequence[Tensor]],
         seed: Optional[Tensor] = None,
+        saved: Optional[SavedTensorStore] = None,
     ) -> tuple[Tensor, ...]:
         r"""Propagate relevance from ``output`` to ``inputs``.
 
@@ -92,10 +94,19 @@ class Engine:
             seed (Tensor, optional): Relevance at the output, of the output's shape.
                 Default: the output itself (explains the sum of all outputs). To explain
                 one logit per row, pass ``one_hot * output``.
+            saved (SavedTensorStore, optional): The store the forward pass was recorded in
+                (:meth:`SavedTensorStore.recording`); the walk then frees each node's saved
+                tensors after their last use, as a backward pass does. Default: None (the
+                graph keeps them until it is dropped).
 
         Returns:
             tuple of Tensor: Relevance of each input, of its shape, in float32 (float64
             for float64 outputs). An input the output does not reach gets zeros.
+
+        Note:
+            Walking the graph leaves an entry in ``output.grad_fn.metadata`` (see
+            :class:`~.graph.DeferredRelease`): it frees the graph one node at a time when
+            the output is dropped, which a graph tens of thousands of nodes deep needs.
         """
         requests = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
         if not requests:
@@ -125,7 +136,7 @@ class Engine:
         self.last_run = RunInfo(plan=plan, cached=cached)
         with torch.no_grad():
             results = execute(
-                plan, graph, seed, output.detach(), output.output_nr, len(requests), self.settings
+                plan, graph, seed, output.detach(), output.output_nr, len(requests), self.settings, saved
             )
         return tuple(
             torch.zeros(t.shape, dtype=dtype, device=t.device) if r is None else r
@@ -167,6 +178,7 @@ __all__ = [
     "Promise",
     "PromiseBranch",
     "RunInfo",
+    "SavedTensorStore",
     "accumulation_dtype",
     "build_graph",
     "relevance",

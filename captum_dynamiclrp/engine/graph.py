@@ -11,18 +11,33 @@ and requested tensors is the graph's *signature*, the key of the plan cache.
 :func:`relevant_nodes` then marks the nodes that lie on a path from the output to
 a requested tensor (reverse reachability from the sinks); every other node is
 pruned and does no work.
+
+Walking ``next_functions`` gives every node a Python wrapper, and in recent PyTorch
+(seen with 2.14) such a wrapper owns its node (PyObject preservation, as for
+tensors): freeing the graph then goes through one Python deallocation per node,
+recursively, bypassing autograd's iterative deleter, and a graph tens of thousands
+of nodes deep overflows the C stack when the output is dropped (a plain walk over
+``next_functions`` followed by ``torch.autograd.grad`` crashes the same way).
+:func:`build_graph` therefore hands the wrappers to a :class:`DeferredRelease` kept
+in the root node's ``metadata``, which frees the nodes one at a time, consumers
+first, once the root dies.
 """
 
 from __future__ import annotations
 
+import sys
+import threading
 from dataclasses import dataclass
-from typing import AbstractSet, Any, Sequence
+from typing import AbstractSet, Any, Callable, ClassVar, Optional, Sequence
 
 from torch import Tensor
 
 Node = Any
 
 LEAF_TYPE = "AccumulateGrad"
+
+# Key, in a node's ``metadata`` dict, of the list of DeferredReleases that start when it dies.
+RELEASE_KEY = "captum_dynamiclrp.deferred_release"
 
 
 @dataclass
@@ -94,7 +109,148 @@ def build_graph(root: Node, requests: Sequence[Tensor]) -> AutogradGraph:
 
     shapes = tuple(tuple(tuple(m.shape) for m in n._input_metadata) for n in nodes)
     signature = (tuple(types), tuple(edges), shapes, tuple(sinks))
+    defer_release(nodes, edges)
     return AutogradGraph(nodes=nodes, types=types, edges=edges, sinks=sinks, signature=signature)
+
+
+class DeferredRelease:
+    r"""Holds the Python wrappers of graph nodes and frees them in a safe order.
+
+    Once Python has wrapped a node, the wrapper owns it, and dropping the last
+    reference to a deep chain of wrapped nodes frees it recursively (one C-level
+    deallocation per node) instead of through autograd's iterative deleter. An
+    instance holds the wrappers below some nodes (its *tops*) and sits in their
+    ``metadata``; once every top is dead, :meth:`release` drops the wrappers top-down,
+    each only when nothing else holds it, so that each drop frees exactly one node:
+    its consumers are gone and its producers are still held.
+
+    A node something else still holds (a tensor the caller kept, a wrapper of their
+    own, a node of another graph) is left alone: a new instance with it as a top
+    takes what is below it and finishes when it dies; until then those nodes use
+    memory, never the stack. Each wrapper has one holder at most (``_held``): a later
+    walk over the same nodes leaves them to it, so releases never wait on each other.
+
+    Args:
+        nodes (list): Wrapper of each node of the graph, ``None`` where not held here (the
+            tops, as holding them would be a reference cycle through their metadata, and
+            nodes another instance holds).
+        edges (list): Per node, its input edges ``(child index or -1, output number)``.
+        tops (list of int): Indices of the nodes whose death starts the release.
+    """
+
+    __slots__ = ("nodes", "edges", "tops")
+
+    # Bound to the class, not looked up as globals: a release may run at interpreter shutdown.
+    key: ClassVar[str] = RELEASE_KEY
+    _held: ClassVar[set[int]] = set()  # id() of every wrapper some instance holds
+    _held_lock: ClassVar[threading.Lock] = threading.Lock()
+    _local: ClassVar[threading.local] = threading.local()  # .queue: releases waiting in this thread
+
+    def __init__(
+        self, nodes: list[Optional[Node]], edges: list[tuple[tuple[int, int], ...]], tops: list[int]
+    ) -> None:
+        self.nodes = nodes
+        self.edges = edges
+        self.tops = tops
+
+    def attach(self, top: Node) -> None:
+        """Start this release when ``top`` dies (with every other top)."""
+        top.metadata.setdefault(self.key, []).append(self)
+
+    def release(self) -> None:
+        """Free the held nodes one at a time, consumers first (see the class docstring).
+
+        A release started by a node that another release frees waits for that one to
+        finish, so releases never nest, whatever the number of instances.
+        """
+        if self.nodes is None:
+            return
+        local = self._local
+        queue = getattr(local, "queue", None)
+        if queue is not None:
+            queue.append(self)
+            return
+        local.queue = queue = [self]
+        try:
+            while queue:
+                queue.pop()._run()
+        finally:
+            local.queue = None
+
+    def _run(self, _getrefcount: Callable[[Any], int] = sys.getrefcount) -> None:
+        nodes, edges, tops = self.nodes, self.edges, self.tops
+        if nodes is None:
+            return
+        self.nodes = self.edges = self.tops = None
+        held = self._held
+        box = [object()]
+        # A wrapper held by `nodes` and the local `wrapper` only; one more is a holder elsewhere.
+        limit = _getrefcount(box[0]) + 1
+        ready = [child for top in tops for child, _ in edges[top] if child >= 0]
+        push, pop = ready.append, ready.pop
+        try:
+            while ready:
+                i = pop()
+                wrapper = nodes[i]
+                # Skip one not held here (already freed, or another instance's) or still held
+                # elsewhere: by a consumer not freed yet (it comes back here when that one
+                # goes) or from outside (see _hand_over).
+                if wrapper is None or _getrefcount(wrapper) > limit:
+                    continue
+                held.discard(id(wrapper))
+                nodes[i] = wrapper = None  # frees this node only: its producers are still held
+                for child, _ in edges[i]:
+                    if child >= 0:
+                        push(child)
+            if any(wrapper is not None for wrapper in nodes):
+                self._hand_over(nodes, edges)
+        except BaseException:
+            # Interrupted: drop the rest unordered, but never leave an id claimed for a
+            # wrapper that no longer exists (a new one may get the same id).
+            held.difference_update(id(wrapper) for wrapper in nodes if wrapper is not None)
+            raise
+
+    def _hand_over(self, nodes: list[Optional[Node]], edges: list[tuple[tuple[int, int], ...]]) -> None:
+        # What is left hangs below nodes held from outside: those with no consumer left here.
+        consumed = [False] * len(nodes)
+        for i, wrapper in enumerate(nodes):
+            if wrapper is not None:
+                for child, _ in edges[i]:
+                    if child >= 0:
+                        consumed[child] = True
+        tops = [i for i, wrapper in enumerate(nodes) if wrapper is not None and not consumed[i]]
+        survivors = [nodes[i] for i in tops]
+        for i in tops:
+            self._held.discard(id(nodes[i]))
+            nodes[i] = None
+        rest = type(self)(nodes, edges, tops)
+        for wrapper in survivors:
+            rest.attach(wrapper)
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def defer_release(nodes: list[Node], edges: list[tuple[tuple[int, int], ...]]) -> None:
+    """Make the root (``nodes[0]``) free the nodes below it one at a time when it dies.
+
+    Nodes a :class:`DeferredRelease` already holds (from an earlier walk over them) are
+    left to it.
+    """
+    if len(nodes) < 2 or not isinstance(getattr(nodes[0], "metadata", None), dict):
+        return
+    held = DeferredRelease._held
+    below = nodes[1:]  # never the root: it would hold itself through its metadata
+    ids = list(map(id, below))
+    with DeferredRelease._held_lock:
+        if held.isdisjoint(ids):  # the usual case: nodes no earlier walk holds
+            mine: list[Optional[Node]] = [None, *below]
+        else:
+            mine = [None] + [None if key in held else w for key, w in zip(ids, below)]
+            ids = [id(w) for w in mine if w is not None]
+        held.update(ids)
+    if ids:
+        DeferredRelease(mine, edges, [0]).attach(nodes[0])
 
 
 def consumer_edges(graph: AutogradGraph) -> list[list[tuple[int, int]]]:
