@@ -25,7 +25,9 @@ from ..rules.base import OpSpec
 # A value source: ("kept", slot, 0) - the node kept this operand; ("edge", child, k) - output k
 # of node `child`, recovered earlier in the plan.
 # An output source (a rule's own output value): ("consumer", consumer, slot, spec) - a consumer
-# kept it as its operand; ("root",) - it is the explained output itself.
+# kept it as its operand; ("root",) - it is the explained output itself; ("value", node) - a
+# promise rebuilt it earlier in the plan; ("rectified", consumer, spec) - not the output but
+# max(output, 0), kept by a ReLU consumer (RuleContext.rectified).
 Source = Tuple[str, int, int]
 
 LEAF, KEPT_OUTPUT, REPLAY, PROPAGATE, CAPTURE, KEPT_BY_CONSUMER = range(6)
@@ -42,6 +44,8 @@ class Plan:
         promises: The Promise objects made while planning (indices only).
         fallback_nodes: Type names of nodes handled by the opt-in fallback.
         releases: Step index -> recovered values to drop after that step.
+        saved_schedule: When the walk reads each node's saved tensors for the last time,
+            filled on first use by :func:`~.saved.saved_schedule`.
     """
 
     steps: list[tuple] = field(default_factory=list)
@@ -50,6 +54,7 @@ class Plan:
     promises: list[Any] = field(default_factory=list)
     fallback_nodes: list[str] = field(default_factory=list)
     releases: dict[int, list[int]] = field(default_factory=dict)
+    saved_schedule: Optional[tuple] = None
 
     def add_leaf(self, node: int) -> None:
         self.steps.append((LEAF, node))
@@ -64,9 +69,17 @@ class Plan:
         self.steps.append((REPLAY, node, spec, sources))
 
     def add_propagate(
-        self, node: int, spec: OpSpec, sources: tuple, relevant: tuple, edges: tuple, output_source: Optional[tuple]
+        self,
+        node: int,
+        spec: OpSpec,
+        sources: tuple,
+        relevant: tuple,
+        edges: tuple,
+        output_source: Optional[tuple],
+        bias_source: Optional[Source] = None,
     ) -> None:
-        self.steps.append((PROPAGATE, node, spec, sources, relevant, edges, output_source))
+        # bias_source: where the value of a bias folded into this node's rule comes from.
+        self.steps.append((PROPAGATE, node, spec, sources, relevant, edges, output_source, bias_source))
 
     def add_capture(self, node: int, output_nr: int, request: int) -> None:
         self.steps.append((CAPTURE, node, output_nr, request))
@@ -80,9 +93,11 @@ class Plan:
         last_use: dict[int, int] = {}
         for index, step in enumerate(self.steps):
             if step[0] in (PROPAGATE, REPLAY):
-                for source in step[3]:
+                for source in step[3] + step[7:8]:  # a PROPAGATE step's folded bias is read too
                     if source is not None and source[0] == "edge":
                         last_use[source[1]] = index
+                if step[0] == PROPAGATE and step[6] is not None and step[6][0] == "value":
+                    last_use[step[6][1]] = index  # the node's own rebuilt output, read by its rule
         produced = {step[1] for step in self.steps if step[0] in (LEAF, KEPT_OUTPUT, REPLAY, KEPT_BY_CONSUMER)}
         self.releases = {}
         for node, index in last_use.items():

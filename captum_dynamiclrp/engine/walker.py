@@ -9,20 +9,27 @@ Each node is visited once, each edge looked at once: O(nodes + edges).
 At each visited node the planner asks the rule which operands it reads; the
 :class:`~.promise.PromiseResolver` plans how to get the missing ones. The
 result is a :class:`~.plan.Plan`, which :func:`execute` runs.
+
+Bias folding (:func:`bias_folds`): a linear map whose bias PyTorch added by a
+separate sum (``mm`` + ``add`` instead of one ``addmm``, depending on memory
+layout) gets that bias in its own rule, and the sum passes relevance on
+unchanged, so both spellings of one layer give the same relevance.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import AbstractSet, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ..errors import DynamicLRPError, UnsupportedOperationError
-from ..rules.base import OpSpec, RuleContext, RuleSettings
+from ..rules import RULE_TABLE
+from ..rules.base import FOLDED_BIAS_SUM, OpSpec, RuleContext, RuleSettings
 from .graph import LEAF_TYPE, AutogradGraph, consumer_edges, relevant_nodes
 from .plan import CAPTURE, KEPT_BY_CONSUMER, KEPT_OUTPUT, LEAF, PROPAGATE, REPLAY, Plan
-from .promise import PromiseResolver, output_kept_by_consumer
+from .promise import PromiseResolver, output_kept_through_reshapes, output_rectified_by_consumer
+from .saved import SavedTensorStore, release_unread, saved_schedule
 
 
 class NotConnectedError(DynamicLRPError):
@@ -41,6 +48,8 @@ def build_plan(graph: AutogradGraph, table: Mapping[str, OpSpec], fallback: Opti
             "detach them."
         )
     edges, types, nodes = graph.edges, graph.types, graph.nodes
+    folds = bias_folds(graph, table, consumers, reach, cut)
+    folded_sums = {sum_node for sum_node, _ in folds.values()}
     pending = [0] * len(nodes)
     for i, node_edges in enumerate(edges):
         if reach[i]:
@@ -58,11 +67,9 @@ def build_plan(graph: AutogradGraph, table: Mapping[str, OpSpec], fallback: Opti
         i = ready.pop()
         for output_nr, request in sinks.get(i, ()):
             plan.add_capture(i, output_nr, request)
-        relevant = tuple(
-            child >= 0 and reach[child] and (i, slot) not in cut for slot, (child, _) in enumerate(edges[i])
-        )
+        relevant = _relevant_slots(graph, reach, cut, i)
         if types[i] != LEAF_TYPE and any(relevant):
-            spec = table.get(types[i])
+            spec = FOLDED_BIAS_SUM if i in folded_sums else table.get(types[i])
             if spec is None:
                 if fallback is None:
                     raise UnsupportedOperationError(types[i])
@@ -70,11 +77,24 @@ def build_plan(graph: AutogradGraph, table: Mapping[str, OpSpec], fallback: Opti
                 plan.fallback_nodes.append(types[i])
             output_source = None
             if spec.uses_output:
-                found = output_kept_by_consumer(graph, table, consumers[i])
+                found = output_kept_through_reshapes(graph, table, consumers, i)
                 output_source = ("consumer",) + found if found else (("root",) if i == 0 else None)
-            needs = spec.needs_given_output if (output_source and spec.needs_given_output) else spec.needs
+                if output_source is None and i in resolver.resolved:
+                    # A consumer's promise already rebuilt this output (e.g. the branch of a
+                    # residual sum): reuse that value instead of recomputing it.
+                    output_source = ("value", i)
+                if output_source is None:  # max(output, 0) from a ReLU: exact where relevance allows
+                    rectified = output_rectified_by_consumer(graph, table, consumers, i)
+                    output_source = ("rectified",) + rectified if rectified else None
+            exact_output = output_source is not None and output_source[0] != "rectified"
+            needs = spec.needs_given_output if (exact_output and spec.needs_given_output) else spec.needs
             sources = resolver.input_sources(i, needs(nodes[i], relevant))
-            plan.add_propagate(i, spec, tuple(sources), relevant, edges[i], output_source)
+            bias_source = None
+            if i in folds:  # the folded bias is an operand of the sum: recover it from there
+                sum_node, bias_slot = folds[i]
+                bias_source = resolver.input_sources(sum_node, (bias_slot,))[bias_slot]
+                assert bias_source is not None and bias_source[0] == "edge", "a folded bias is a tracked operand"
+            plan.add_propagate(i, spec, tuple(sources), relevant, edges[i], output_source, bias_source)
         # Depth-first heuristic: push in reverse so the first operand is explored first.
         for slot in range(len(edges[i]) - 1, -1, -1):
             child = edges[i][slot][0]
@@ -107,6 +127,45 @@ def constant_edges(
     return cut
 
 
+def _relevant_slots(graph: AutogradGraph, reach: list[bool], cut: AbstractSet[tuple[int, int]], i: int) -> tuple:
+    """Per input slot of node ``i``: whether relevance flows into it."""
+    return tuple(
+        child >= 0 and reach[child] and (i, slot) not in cut for slot, (child, _) in enumerate(graph.edges[i])
+    )
+
+
+def bias_folds(
+    graph: AutogradGraph,
+    table: Mapping[str, OpSpec],
+    consumers: list[list[tuple[int, int]]],
+    reach: list[bool],
+    cut: AbstractSet[tuple[int, int]],
+) -> dict[int, tuple[int, int]]:
+    """Linear maps that take over the bias a later sum adds: ``{linear node: (sum node, bias slot)}``.
+
+    The spec's ``bias_after`` finds the pattern (O(1) per node); a bias is folded only if it
+    carries no relevance (it is a constant here, like the bias of an ``addmm``) and the sum
+    has its built-in rule (a rule the user gave for it is never bypassed).
+    """
+    folds: dict[int, tuple[int, int]] = {}
+    for i, name in enumerate(graph.types):
+        spec = table.get(name)
+        if not reach[i] or spec is None or spec.bias_after is None:
+            continue
+        found = spec.bias_after(graph, consumers, i, _relevant_slots(graph, reach, cut, i))
+        if found is None:
+            continue
+        sum_node, bias_slot = found
+        sum_type = graph.types[sum_node]
+        if (
+            reach[sum_node]
+            and not _relevant_slots(graph, reach, cut, sum_node)[bias_slot]
+            and table.get(sum_type) is RULE_TABLE.get(sum_type)
+        ):
+            folds[i] = found
+    return folds
+
+
 def _as_tuple(value) -> tuple:
     return (value,) if isinstance(value, Tensor) else tuple(value)
 
@@ -126,23 +185,44 @@ def _fetch(sources: Sequence, node, spec: OpSpec, values: dict) -> list:
     return out
 
 
+def _reshaped(value: Tensor, node) -> Tensor:
+    """A value kept behind reshapes of ``node``'s output 0, in that output's shape (same elements)."""
+    shape = node._input_metadata[0].shape
+    return value if value.shape == shape else value.reshape(shape)
+
+
 def _propagate(step: tuple, nodes: list, relevance: dict, values: dict, root: tuple, settings: RuleSettings,
-               dtype: torch.dtype) -> None:
-    """Apply one node's rule and add what it hands each operand to that operand's relevance."""
-    _, i, spec, sources, relevant, edges, output_source = step
+               dtype: torch.dtype, saved: Optional[SavedTensorStore] = None, last_read: Sequence[int] = ()) -> None:
+    """Apply one node's rule and add what it hands each operand to that operand's relevance.
+
+    ``last_read``: nodes whose saved tensors no later step reads; a consumer among them that
+    supplied the output is released before the rule runs, so the rule alone holds that value.
+    """
+    _, i, spec, sources, relevant, edges, output_source, bias_source = step
     arrived = relevance.pop(i, None)
     if arrived is None:  # nothing reached this node (all of it went elsewhere)
         return
     node = nodes[i]
-    output = None
+    output = rectified = None
     if output_source is not None:
         if output_source[0] == "root":
             root_output, seed_output_nr = root
             output = root_output if seed_output_nr == 0 else None
+        elif output_source[0] == "value":
+            output = values[output_source[1]][0]
+        elif output_source[0] == "rectified":
+            _, consumer, consumer_spec = output_source
+            rectified = _reshaped(consumer_spec.kept_output(nodes[consumer]), node)
         else:
             _, consumer, slot, consumer_spec = output_source
-            output = consumer_spec.kept_inputs(nodes[consumer])[slot]
-    ctx = RuleContext(node, arrived, relevant, _fetch(sources, node, spec, values), settings, output)
+            output = _reshaped(consumer_spec.kept_inputs(nodes[consumer])[slot], node)
+        if saved is not None and len(output_source) > 2 and output_source[1] in last_read:
+            saved.release(nodes[output_source[1]])
+    bias = None if bias_source is None else values[bias_source[1]][bias_source[2]]  # always an "edge" source
+    ctx = RuleContext(
+        node, arrived, relevant, _fetch(sources, node, spec, values), settings, output, bias, rectified
+    )
+    rectified = None  # the context holds it; a rule that takes it (take_rectified) frees it early
     for slot, r in enumerate(spec.rule(ctx)):
         if r is None or not relevant[slot]:
             continue
@@ -163,13 +243,19 @@ def execute(
     seed_output_nr: int,
     num_requests: int,
     settings: RuleSettings,
+    saved: Optional[SavedTensorStore] = None,
 ) -> list[Optional[Tensor]]:
     """Run a plan: recover values, apply rules in traversal order, collect relevance at the sinks.
 
     ``root_output`` is the (detached) explained tensor, output ``seed_output_nr`` of the root node.
-    Recovered values are dropped after their last use.
+    Recovered values are dropped after their last use; with ``saved`` (the store the forward was
+    recorded in), so are the nodes' saved tensors, after the last step that reads them.
     """
     nodes = graph.nodes
+    saved_after: dict[int, list[int]] = {}
+    if saved is not None:
+        unread, saved_after = saved_schedule(plan, len(nodes))
+        release_unread(saved, nodes, unread)
     dtype = seed.dtype
     root = (root_output, seed_output_nr)
     values: dict[int, tuple] = {}
@@ -180,7 +266,7 @@ def execute(
     for index, step in enumerate(plan.steps):
         kind, i = step[0], step[1]
         if kind == PROPAGATE:
-            _propagate(step, nodes, relevance, values, root, settings, dtype)
+            _propagate(step, nodes, relevance, values, root, settings, dtype, saved, saved_after.get(index, ()))
         elif kind == REPLAY:
             _, _, spec, sources = step
             with torch.no_grad():
@@ -197,4 +283,7 @@ def execute(
             results[step[3]] = None if slots is None else slots[step[2]]
         for node in releases.get(index, ()):
             del values[node]
+        if saved_after:
+            for node in saved_after.get(index, ()):
+                saved.release(nodes[node])
     return results

@@ -9,6 +9,9 @@ contributions. Every such op is linear in its operands,
 and :math:`J_i^\top s` is the node's own vector-Jacobian product (which also
 sums over broadcast dimensions). A constant operand (a bias, a buffer) takes
 its share :math:`c\,s` with it; that share is what the conservation delta shows.
+Exception: the ``add`` of a bias right after a bias-free linear map (``mm`` +
+``add``, PyTorch's unfused ``nn.Linear``) passes relevance on whole, the map's rule
+taking the bias as its own (``linear.py``, "Bias folding").
 
 Products (mul, div) use the bilinear uniform rule of AttnLRP: each activation
 operand gets half of the relevance; with one constant operand, the activation

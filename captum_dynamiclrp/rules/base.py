@@ -60,6 +60,36 @@ def ratio(relevance: Tensor, z: Tensor, eps: float) -> Tensor:
     return relevance / denominator
 
 
+def ratio_given_rectified(relevance: Tensor, rectified: MaybeTensor, eps: float) -> MaybeTensor:
+    r""":math:`R / \mathrm{stab}(z)` from :math:`y = \max(z, 0)` alone, where that is exact; else ``None``.
+
+    Where :math:`z > 0`, :math:`y = z`. Where :math:`y = 0` (:math:`z \le 0`) the true ratio
+    is :math:`0 / \mathrm{stab}(z) = \pm 0` whenever :math:`R = 0` there, and so is
+    :math:`0 / \mathrm{stab}(0)` for :math:`\epsilon > 0`. Relevance does vanish there in
+    LRP networks (a ReLU output of zero gets zero relevance from epsilon, sum and pooling
+    rules), which one pass over :math:`R` and :math:`y` confirms; the ratio is then that of
+    :func:`ratio` on the forward's own :math:`z` up to the sign of zeros (a recomputed
+    :math:`z` may differ from it by rounding: ``addmm`` against ``mm`` then ``add``), and a
+    linear rule saves recomputing :math:`z` (a whole forward matmul or convolution). Returns
+    ``None`` (the caller recomputes :math:`z`) if :math:`\epsilon = 0`, if no ``rectified`` is
+    given, off the CPU (the check costs a host sync there), or if some relevance (or a NaN) sits
+    where :math:`y = 0`.
+    """
+    if rectified is None or not eps > 0 or rectified.shape != relevance.shape:
+        return None
+    if relevance.device.type != "cpu":
+        # The check below reads a flag back to the host: free on the CPU, where ops run
+        # synchronously, but a pipeline stall per layer on an accelerator: recompute z there.
+        return None
+    # Non-zero (or NaN) relevance where the ReLU cut z: z itself is needed there. Boolean
+    # temporaries only (a quarter of a float buffer each).
+    cut = rectified == 0
+    if bool(cut.logical_and_(relevance != 0).any()):
+        return None
+    del cut
+    return ratio(relevance, rectified, eps)
+
+
 @dataclass(frozen=True)
 class RuleSettings:
     """Numbers a preset hands to every rule.
@@ -93,8 +123,16 @@ class RuleContext:
             ``needs``, ``None`` elsewhere or where the operand is untracked and unknown.
         settings: Numbers of the active preset.
         output: The node's (first) forward output where a consumer kept it as its
-            operand (e.g. batch norm keeps the convolution output before it), for
-            specs with ``uses_output``; ``None`` otherwise. Saves recomputing it.
+            operand (e.g. batch norm keeps the convolution output before it), where it
+            is the explained output, or where a promise rebuilt it earlier in the walk
+            (the branch of a residual sum), for specs with ``uses_output``; ``None``
+            otherwise. Saves recomputing it.
+        bias: A bias that a later sum adds to this node's output and that the engine
+            folded into this node's rule (see ``OpSpec.bias_after``); ``None`` otherwise.
+            ``output`` does not include it.
+        rectified: Where ``output`` is unknown but a ReLU consumer kept its result
+            (``OpSpec.rectifies``): that result, ``max(z, 0)`` of this node's output
+            :math:`z`. Rules may use it through :func:`ratio_given_rectified`.
     """
 
     node: Node
@@ -103,6 +141,14 @@ class RuleContext:
     inputs: list[MaybeTensor]
     settings: RuleSettings
     output: MaybeTensor = None
+    bias: MaybeTensor = None
+    rectified: MaybeTensor = None
+
+    def take_rectified(self) -> MaybeTensor:
+        """``rectified``, handed over once: the context drops its reference, so that the value
+        is freed as soon as the rule is done with it (before the rule's larger products)."""
+        value, self.rectified = self.rectified, None
+        return value
 
     @property
     def out(self) -> Tensor:
@@ -173,6 +219,21 @@ class OpSpec:
             value is known (``ctx.output``); a sum then needs only its relevant operands.
         constant_slots (callable, optional): Per input slot, whether the rule treats that
             operand as a constant (a product's normaliser factor); decided when planning.
+        bias_after (BiasAfterFn, optional): For a linear map without a bias of its own,
+            called once per relevant node when planning as ``bias_after(graph, consumers,
+            node, relevant)`` (``consumers[i]``: the ``(consumer, slot)`` pairs reading node
+            ``i``; ``relevant``: the node's relevance mask): the sum that adds a bias to
+            this node's output next, as ``(sum node, bias slot)``, or ``None``. The engine
+            then folds that bias into this node's rule (``ctx.bias``) and the sum hands its
+            relevance on unchanged (:data:`FOLDED_BIAS_SUM`), provided the bias operand
+            carries no relevance. Must cost O(1).
+        rectifies (bool): The node's kept output is ``max(x, 0)`` of its single
+            operand :math:`x` (ReLU). A producer of :math:`x` whose rule uses its own output
+            then gets this value as ``ctx.rectified`` when no consumer kept :math:`x` itself.
+        reshapes (bool): The node's output is its single operand reshaped (same elements in
+            the same order: view, reshape, squeeze, unsqueeze). The engine looks through such
+            nodes for a consumer that kept an op's output (a linear map on 3-d input is an
+            ``addmm`` followed by a view).
     """
 
     family: str
@@ -186,6 +247,23 @@ class OpSpec:
     constant_slots: Optional[Callable[[Node], tuple]] = None
     needs_given_output: Optional[NeedsFn] = None
     fallback: bool = field(default=False)
+    bias_after: Optional["BiasAfterFn"] = None
+    rectifies: bool = False
+    reshapes: bool = False
+
+
+# (graph, consumers, node, relevant) -> (sum node, bias slot) or None; see OpSpec.bias_after.
+BiasAfterFn = Callable[[Any, Sequence[Sequence[tuple[int, int]]], int, tuple], Optional[tuple[int, int]]]
+
+
+def pass_on_rule(ctx: RuleContext) -> list[MaybeTensor]:
+    """All relevance to the relevant operand(s), unchanged (operands of the output's shape)."""
+    return [ctx.out if rel else None for rel in ctx.relevant]
+
+
+# The rule of a sum whose bias operand the linear map before it took over (``OpSpec.bias_after``):
+# the linear rule puts the bias in its denominator, so the sum must not split relevance again.
+FOLDED_BIAS_SUM = OpSpec(family="sum adding a linear map's bias (folded into the linear rule)", rule=pass_on_rule)
 
 
 def node_vjp(node: Node, grads: Sequence[Tensor]) -> tuple:

@@ -21,17 +21,50 @@ The rule depends on which operands lead to a requested tensor ("activations"):
 The input-side products :math:`\partial_x\langle s, B\rangle` are computed from the
 operands autograd kept (``_saved_mat2``, ``_saved_weight``, ...), never by calling
 the weight-bearing node, which would compute the unused weight gradient too.
+
+Bias folding. PyTorch runs one ``nn.Linear`` as a single ``addmm`` (bias inside,
+:math:`\beta` = the bias) or, for a non-contiguous input, as ``mm`` (or ``bmm``, ``mv``)
+followed by a separate ``add`` of the bias; which one depends on the memory layout, so
+a batch and its single examples can get different graphs. Both must give the same
+relevance, so a bias-free linear map with one activation operand takes the bias of
+the pattern
+
+.. math:: y = \mathrm{reshape}^{0..3}\big(B(x, w)\big) + b, \qquad
+          b \text{ 1-d of size } 1 \text{ or } y_{\text{last dim}},
+
+(reshapes read once each and ending in the map's last dim; ``add`` with ``alpha = 1``; ``b``
+tracked and carrying no relevance: a parameter or a constant) as its own
+:math:`\beta = b`, exactly as ``addmm`` does, in every preset above. The ``add`` then
+hands :math:`R_y` on unchanged, and ``b`` receives what the fused rule gives a bias:
+nothing (its share of the denominator is absorbed). :func:`bias_after` finds the
+pattern; the engine does the folding (``OpSpec.bias_after``, ``RuleContext.bias``).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ..errors import UnrecoverableOperandError
-from .base import MaybeTensor, Node, OpSpec, RuleContext, RuleSettings, needs_all_inputs, ratio, saved
+from .base import (
+    MaybeTensor,
+    Node,
+    OpSpec,
+    RuleContext,
+    RuleSettings,
+    needs_all_inputs,
+    ratio,
+    ratio_given_rectified,
+    saved,
+)
+from .rows import on_relevant_rows
+
+# Ops that only reshape; one that keeps the last dim keeps every output column in place
+# (row-major order), so a bias along the last dim still lines up with the map's columns.
+_RESHAPES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
+_MAX_RESHAPES = 3
 
 
 class BilinearOp:
@@ -41,6 +74,10 @@ class BilinearOp:
         a_slot, b_slot (int): Positions of the two operands in ``next_functions``.
         bias_slot (int, optional): Position of the bias operand, if the op has one.
     """
+
+    # Whether row i of the output depends on row i of operand a alone (a 2-d x @ W), so that a
+    # rule for an activation a can run on the rows that carry relevance only.
+    row_separable = False
 
     def __init__(self, a_slot: int, b_slot: int, bias_slot: Optional[int] = None) -> None:
         self.a_slot, self.b_slot, self.bias_slot = a_slot, b_slot, bias_slot
@@ -66,9 +103,10 @@ class MatMulOp(BilinearOp):
     """``a @ b`` (mm, bmm), optionally ``beta * bias + alpha * a @ b`` (addmm)."""
 
     def __init__(self, a_slot: int, b_slot: int, bias_slot: Optional[int] = None, a_name: str = "self",
-                 b_name: str = "mat2") -> None:
+                 b_name: str = "mat2", row_separable: bool = False) -> None:
         super().__init__(a_slot, b_slot, bias_slot)
         self.a_name, self.b_name = a_name, b_name
+        self.row_separable = row_separable
 
     def _alpha(self, node: Node) -> float:
         alpha = saved(node, "alpha")
@@ -164,10 +202,13 @@ def _minus(t: Tensor) -> Tensor:
 
 
 def _linear_relevance(op: BilinearOp, node: Node, x_is_a: bool, x: Tensor, w: Tensor, bias: MaybeTensor,
-                      relevance: Tensor, settings: RuleSettings, output: MaybeTensor) -> Tensor:
+                      relevance: Tensor, settings: RuleSettings, output: MaybeTensor,
+                      take_rectified: Callable[[], MaybeTensor] = lambda: None) -> Tensor:
     """The preset's rule for one activation ``x`` against a parameter operand ``w``.
 
-    ``output`` is the op's forward output if a consumer kept it (saves one forward product).
+    ``output`` is the op's forward output if a consumer kept it (saves one forward product);
+    ``take_rectified()`` hands over ``max(output, 0)`` if a ReLU kept that instead (see
+    ``ratio_given_rectified``); taken only where it is used, and dropped once the ratio exists.
     """
 
     def apply(xv: Tensor, wv: Tensor) -> Tensor:
@@ -183,8 +224,10 @@ def _linear_relevance(op: BilinearOp, node: Node, x_is_a: bool, x: Tensor, w: Te
     if settings.linear == "epsilon":
         if output is not None:
             s = ratio(relevance, output, eps)
-        else:  # recompute z; it is freed as soon as the ratio exists
-            s = ratio(relevance, apply(x, w) if bias is None else apply(x, w).add_(bias), eps)
+        else:
+            s = ratio_given_rectified(relevance, take_rectified(), eps)
+            if s is None:  # recompute z; it is freed as soon as the ratio exists
+                s = ratio(relevance, apply(x, w) if bias is None else apply(x, w).add_(bias), eps)
         return grad(s, x, w).mul_(x)
 
     x_pos, x_neg = _plus(x), _minus(x)
@@ -217,16 +260,69 @@ def _linear_relevance(op: BilinearOp, node: Node, x_is_a: bool, x: Tensor, w: Te
     raise ValueError(f"unknown linear rule {settings.linear!r}")
 
 
+def bias_after(graph: Any, consumers: Sequence[Sequence[tuple[int, int]]], node: int,
+               relevant: tuple) -> Optional[tuple[int, int]]:
+    """The ``add`` of a bias right after a bias-free linear map, as ``(sum node, bias slot)``.
+
+    The pattern of the module docstring (bias folding). Looks at no more than
+    ``_MAX_RESHAPES + 1`` consumers: O(1). Everything it reads is part of the plan cache's
+    graph signature (types, edges, shapes) except the sum's ``alpha``, a constant of the
+    model's code.
+
+    Args:
+        graph (AutogradGraph): The auxiliary graph (``types``, ``edges``, ``nodes``).
+        consumers (sequence): Per node, the ``(consumer, slot)`` pairs that read it.
+        node (int): Index of the linear map (mm, bmm, mv).
+        relevant (tuple of bool): The map's relevance mask.
+
+    Returns:
+        tuple or None: The sum's index and the slot of its bias operand, or ``None``.
+    """
+    if sum(relevant) != 1:  # two activations (q @ k^T): no weight, so no bias to fold
+        return None
+    columns = tuple(graph.nodes[node]._input_metadata[0].shape[-1:])
+    current = node
+    for _ in range(_MAX_RESHAPES + 1):
+        if len(consumers[current]) != 1:  # relevance from another reader must not see the bias
+            return None
+        parent, slot = consumers[current][0]
+        name = graph.types[parent]
+        if name in _RESHAPES:
+            current = parent
+            continue
+        if name != "AddBackward0" or saved(graph.nodes[parent], "alpha") != 1 or len(graph.edges[parent]) != 2:
+            return None
+        bias_slot = 1 - slot
+        child, k = graph.edges[parent][bias_slot]
+        if child < 0:  # untracked: neither its value nor its shape is known
+            return None
+        out_shape = tuple(graph.nodes[parent]._input_metadata[0].shape)
+        if tuple(graph.nodes[current]._input_metadata[0].shape) != out_shape or out_shape[-1:] != columns:
+            return None
+        # 1-d only: a (1, n) "bias" could be a batch of one, and then a batch would differ again.
+        bias_shape = tuple(graph.nodes[child]._input_metadata[k].shape)
+        if len(bias_shape) != 1 or bias_shape[0] not in (1,) + columns:
+            return None
+        return parent, bias_slot
+    return None
+
+
 def _bilinear_rule(op: BilinearOp) -> Callable[[RuleContext], list]:
     def rule(ctx: RuleContext) -> list[MaybeTensor]:
         node = ctx.node
         a, b = ctx.inputs[op.a_slot], ctx.inputs[op.b_slot]
         bias = op.bias(node, ctx.inputs)
+        output = ctx.output
+        # max(z, 0) is that of z without a folded bias: usable only where nothing was folded.
+        take_rectified = ctx.take_rectified if ctx.bias is None else lambda: None
+        if ctx.bias is not None:  # folded from the add that follows (see "Bias folding")
+            bias = ctx.bias if bias is None else bias + ctx.bias
+            output = None if output is None else output + ctx.bias
         rel_a, rel_b = ctx.relevant[op.a_slot], ctx.relevant[op.b_slot]
         result: list[MaybeTensor] = [None] * len(node.next_functions)
         if rel_a and rel_b:
             # Two activations: bilinear uniform, half of the epsilon share to each.
-            z = ctx.output
+            z = output
             if z is None:
                 z = op.apply(node, a, b)
                 if bias is not None:
@@ -235,10 +331,21 @@ def _bilinear_rule(op: BilinearOp) -> Callable[[RuleContext], list]:
             ga, gb = op.grads(node, s, a, b, True, True)
             result[op.a_slot] = a.to(ctx.dtype) * ga
             result[op.b_slot] = b.to(ctx.dtype) * gb
+        elif rel_a and op.row_separable:  # x @ W: rows without relevance are skipped (see rows.py)
+            result[op.a_slot] = on_relevant_rows(
+                lambda x, bias_, r, out, rect: _linear_relevance(
+                    op, node, True, x, b, bias_, r, ctx.settings, out, rect
+                ),
+                a, bias, ctx.out, output, take_rectified,
+            )
         elif rel_a:
-            result[op.a_slot] = _linear_relevance(op, node, True, a, b, bias, ctx.out, ctx.settings, ctx.output)
+            result[op.a_slot] = _linear_relevance(
+                op, node, True, a, b, bias, ctx.out, ctx.settings, output, take_rectified
+            )
         elif rel_b:
-            result[op.b_slot] = _linear_relevance(op, node, False, b, a, bias, ctx.out, ctx.settings, ctx.output)
+            result[op.b_slot] = _linear_relevance(
+                op, node, False, b, a, bias, ctx.out, ctx.settings, output, take_rectified
+            )
         return result
 
     return rule
@@ -267,13 +374,15 @@ def _spec(op: BilinearOp) -> OpSpec:
         forward=_bilinear_forward(op),
         kept_inputs=op.kept,
         uses_output=True,
+        # An op with a bias of its own (addmm, convolution) already has it in its rule.
+        bias_after=bias_after if isinstance(op, MatMulOp) and op.bias_slot is None else None,
     )
 
 
 LINEAR: dict[str, OpSpec] = {
-    "AddmmBackward0": _spec(MatMulOp(1, 2, bias_slot=0, a_name="mat1", b_name="mat2")),
+    "AddmmBackward0": _spec(MatMulOp(1, 2, bias_slot=0, a_name="mat1", b_name="mat2", row_separable=True)),
     "BaddbmmBackward0": _spec(MatMulOp(1, 2, bias_slot=0, a_name="batch1", b_name="batch2")),
-    "MmBackward0": _spec(MatMulOp(0, 1)),
+    "MmBackward0": _spec(MatMulOp(0, 1, row_separable=True)),
     "BmmBackward0": _spec(MatMulOp(0, 1)),
     "MvBackward0": _spec(MatVecOp(0, 1, b_name="vec")),
     "ConvolutionBackward0": _spec(ConvolutionOp()),
