@@ -59,6 +59,62 @@ def output_kept_by_consumer(
     return None
 
 
+# Shape-only ops (OpSpec.reshapes) looked through when searching a kept output; O(1) per node.
+MAX_RESHAPES = 3
+
+
+def _through_reshapes(
+    graph: AutogradGraph, table: Mapping[str, OpSpec], all_consumers: Sequence[Sequence[tuple[int, int]]], node: int
+) -> list[tuple[int, int]]:
+    """Consumers ``(consumer, slot)`` of ``node``'s output 0, and of chains of reshapes of it."""
+    found: list[tuple[int, int]] = []
+    frontier = [node]
+    for _ in range(MAX_RESHAPES + 1):
+        following = []
+        for current in frontier:
+            for consumer, slot in all_consumers[current]:
+                if graph.edges[consumer][slot][1] != 0:
+                    continue
+                found.append((consumer, slot))
+                spec = table.get(graph.types[consumer])
+                if spec is not None and spec.reshapes and len(graph.nodes[consumer]._input_metadata) == 1:
+                    following.append(consumer)
+        if not following:
+            break
+        frontier = following
+    return found
+
+
+def output_kept_through_reshapes(
+    graph: AutogradGraph, table: Mapping[str, OpSpec], all_consumers: Sequence[Sequence[tuple[int, int]]], node: int
+) -> Optional[tuple]:
+    """A consumer that kept ``node``'s output 0, or a reshape of it, as its operand: ``(consumer, slot, spec)``.
+
+    The kept value may have a reshaped shape; the reader reshapes it back (same elements, same order).
+    """
+    for consumer, slot in _through_reshapes(graph, table, all_consumers, node):
+        spec = table.get(graph.types[consumer])
+        if spec is not None and spec.kept_inputs is not None:
+            if spec.kept_inputs(graph.nodes[consumer])[slot] is not None:
+                return (consumer, slot, spec)
+    return None
+
+
+def output_rectified_by_consumer(
+    graph: AutogradGraph, table: Mapping[str, OpSpec], all_consumers: Sequence[Sequence[tuple[int, int]]], node: int
+) -> Optional[tuple]:
+    """A ReLU (``OpSpec.rectifies``) of ``node``'s output 0, or of a reshape of it, that kept its result: ``(consumer, spec)``.
+
+    Its result is ``max(output, 0)`` up to the reshape (applied elementwise, the two commute).
+    """
+    for consumer, _ in _through_reshapes(graph, table, all_consumers, node):
+        spec = table.get(graph.types[consumer])
+        if spec is not None and spec.rectifies and spec.kept_output is not None:
+            if spec.kept_output(graph.nodes[consumer]) is not None:
+                return (consumer, spec)
+    return None
+
+
 @dataclass
 class PromiseBranch:
     """One missing operand being recovered.

@@ -42,6 +42,7 @@ Promise System needs when a routing node sits on a Promise Branch.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -221,7 +222,8 @@ _SHAPE_ONLY = (
     "UnsqueezeBackward1",
 )
 
-ROUTING: dict[str, OpSpec] = {name: _routing(_reshape) for name in _SHAPE_ONLY}
+# Shape-only ops let the engine find a kept output behind them (OpSpec.reshapes).
+ROUTING: dict[str, OpSpec] = {name: replace(_routing(_reshape), reshapes=True) for name in _SHAPE_ONLY}
 ROUTING.update(
     {
         "ExpandBackward0": _routing(lambda n, x: x[0].expand(_out_shape(n))),

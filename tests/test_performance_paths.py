@@ -1,0 +1,270 @@
+"""The engine's shortcuts for speed and memory give the results of the plain computation.
+
+* saved tensors owned by the engine (``engine/saved.py``) are freed during the walk, never too early;
+* a linear rule reads its own output from a ReLU that kept ``max(z, 0)`` (``ratio_given_rectified``)
+  only where that is exact, and from a value a promise already rebuilt (``("value", node)`` sources);
+* rows without relevance are skipped in ``x @ W`` (``rules/rows.py``).
+
+No timings here: ``benchmarks/bench_engine.py`` measures them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import weakref
+from typing import Optional
+
+import pytest
+import torch
+from torch import nn
+
+from captum_dynamiclrp import DynamicLRP
+from captum_dynamiclrp.engine import Engine, SavedTensorStore, build_graph
+from captum_dynamiclrp.engine.plan import PROPAGATE
+from captum_dynamiclrp.engine.saved import ReleasedSavedTensorError, saved_schedule
+from captum_dynamiclrp.engine.walker import build_plan
+from captum_dynamiclrp.rules import RULE_TABLE
+from captum_dynamiclrp.rules import rows as rows_module
+from captum_dynamiclrp.rules.base import RuleSettings, ratio, ratio_given_rectified
+
+DT = torch.float64
+
+
+def mlp(depth: int = 3, width: int = 16, relu: type = nn.ReLU) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), relu()]
+    return nn.Sequential(*layers, nn.Linear(width, 4)).to(DT).eval()
+
+
+class Residual(nn.Module):
+    """h + W2 relu(W1 h): the sum's promise rebuilds W2's output, which W2's own rule then reuses."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.inner, self.outer, self.head = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, 3)
+
+    def forward(self, x):
+        h = x + self.outer(torch.relu(self.inner(x)))
+        return self.head(torch.tanh(h))
+
+
+def strip_output_sources(plan, kinds: tuple) -> None:
+    """Turn the plan's output sources of the given kinds off (the rules then recompute their output)."""
+    for index, step in enumerate(plan.steps):
+        if step[0] == PROPAGATE and step[6] is not None and step[6][0] in kinds:
+            plan.steps[index] = step[:6] + (None,) + step[7:]
+    plan.release_after_last_use()
+    plan.saved_schedule = None
+
+
+def run(model, x, target, store: bool, kinds: tuple = (), settings: Optional[RuleSettings] = None) -> torch.Tensor:
+    """Relevance of ``x`` through a plan with the output sources ``kinds`` turned off."""
+    engine = Engine(settings=settings or RuleSettings(), cache_size=0)
+    leaf = x.detach().clone().requires_grad_(True)
+    with SavedTensorStore() as saved:
+        with saved.recording() if store else torch.enable_grad():
+            out = model(leaf)
+        seed = torch.zeros_like(out).scatter_(1, target[:, None], out.detach().gather(1, target[:, None]))
+        graph = build_graph(out.grad_fn, (leaf,))
+        plan = build_plan(graph, engine.table)
+        strip_output_sources(plan, kinds)
+        engine.cache.maxsize = 1
+        engine.cache.put(graph.signature, plan)
+        (r,) = engine.relevance(out, leaf, seed, saved=saved if store else None)
+    assert engine.last_run.cached
+    return r
+
+
+# ------------------------------------------------------------------ saved tensors
+
+
+def test_store_gives_identical_results_and_empties_every_box():
+    model = Residual().to(DT).eval()
+    x, t = torch.randn(5, 8, dtype=DT), torch.tensor([0, 1, 2, 0, 1])
+    assert torch.equal(run(model, x, t, store=True), run(model, x, t, store=False))
+    store = SavedTensorStore()
+    leaf = x.clone().requires_grad_(True)
+    with store.recording():
+        model(leaf)
+    boxes = list(store._boxes)
+    assert boxes and all(box[0] is not None for box in boxes)
+    store.clear()
+    assert all(box[0] is None for box in boxes)
+
+
+def test_activations_are_freed_during_the_walk():
+    """When the first layer's rule runs, the deepest activation is gone, as after a backward pass."""
+    model = mlp(depth=3)
+    seen: dict[str, bool] = {}
+    watched: list[weakref.ref] = []
+    model[5].register_forward_hook(lambda m, i, o: watched.append(weakref.ref(o)))  # last ReLU's output
+    first_layer = model[0]
+
+    def spy(ctx):
+        if ctx.inputs[2].data_ptr() == first_layer.weight.data_ptr():  # mat2 = W^T of the first layer
+            gc.collect()
+            seen["deep activation alive"] = watched[-1]() is not None
+        return RULE_TABLE["AddmmBackward0"].rule(ctx)
+
+    overrides = {"AddmmBackward0": dataclasses.replace(RULE_TABLE["AddmmBackward0"], rule=spy)}
+    x = torch.randn(5, 16, dtype=DT)
+    lrp = DynamicLRP(model, rules=overrides)
+    result = lrp.attribute(x, target=0)
+    assert seen == {"deep activation alive": False}
+    torch.testing.assert_close(result, DynamicLRP(model).attribute(x, target=0), rtol=0, atol=0)
+
+
+def test_reading_a_released_box_is_an_error():
+    store = SavedTensorStore()
+    x = torch.randn(3, 4, dtype=DT, requires_grad=True)
+    with store.recording():
+        y = torch.sin(x)
+    assert torch.equal(y.grad_fn._saved_self, x)
+    store.release(y.grad_fn)
+    with pytest.raises(ReleasedSavedTensorError):
+        _ = y.grad_fn._saved_self
+    store.clear()
+
+
+def test_in_place_ops_keep_their_boxes_until_the_end():
+    """In-place ops make autograd create helper nodes mid-op; such boxes are never released early."""
+
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = self.a(x).sin()
+            h.mul_(x)  # saves the original h: autograd clones it first
+            h[:, :3] *= x[:, 3:]
+            return self.b(torch.relu(h))
+
+    model = InPlace().to(DT).eval()
+    x = torch.randn(4, 6, dtype=DT)
+    result = DynamicLRP(model).attribute(x, target=1)
+    assert torch.equal(result, run(model, x, torch.tensor([1, 1, 1, 1]), store=False))
+
+
+def test_schedule_covers_every_node_once():
+    model = Residual().to(DT).eval()
+    leaf = torch.randn(2, 8, dtype=DT, requires_grad=True)
+    out = model(leaf)
+    graph = build_graph(out.grad_fn, (leaf,))
+    plan = build_plan(graph, RULE_TABLE)
+    unread, after = saved_schedule(plan, len(graph.nodes))
+    released = unread + [j for nodes in after.values() for j in nodes]
+    assert sorted(released) == list(range(len(graph.nodes)))
+    assert plan.saved_schedule is not None  # kept for cached calls
+
+
+# ------------------------------------------------------------------ outputs that need no recomputation
+
+
+@pytest.mark.parametrize("linear", ["epsilon", "gamma", "zplus"])
+def test_rectified_output_gives_the_recomputed_result(linear):
+    model = mlp(depth=4)
+    x, t = torch.randn(6, 16, dtype=DT), torch.tensor([0, 1, 2, 3, 0, 1])
+    settings = RuleSettings(linear=linear)
+    leaf = torch.randn(2, 16, dtype=DT, requires_grad=True)
+    graph = build_graph(model(leaf).grad_fn, (leaf,))
+    kinds = [s[6][0] for s in build_plan(graph, RULE_TABLE).steps if s[0] == PROPAGATE and s[6] is not None]
+    assert kinds.count("rectified") == 4
+    torch.testing.assert_close(
+        run(model, x, t, store=True, settings=settings),
+        run(model, x, t, store=True, kinds=("rectified",), settings=settings),
+        rtol=1e-10, atol=1e-12,  # the forward's own z against a recomputed one: rounding apart
+    )
+
+
+def test_rectified_output_falls_back_where_relevance_sits_on_a_cut_unit():
+    """A sigmoid after the ReLU hands relevance to units the ReLU set to zero: z is recomputed."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sigmoid(), nn.Linear(8, 3)).to(DT).eval()
+    x, t = torch.randn(5, 8, dtype=DT), torch.tensor([0, 1, 2, 0, 1])
+    torch.testing.assert_close(run(model, x, t, store=True), run(model, x, t, store=True, kinds=("rectified",)),
+                               rtol=0, atol=0)
+
+
+def test_ratio_given_rectified_is_exact_or_declines():
+    z = torch.tensor([[1.5, -2.0, 0.0, 3.0]], dtype=DT)
+    y = z.clamp(min=0)
+    r = torch.tensor([[0.3, 0.0, 0.0, -1.0]], dtype=DT)
+    assert torch.equal(ratio_given_rectified(r, y, 1e-6), ratio(r, z, 1e-6))
+    assert ratio_given_rectified(r, y, 0.0) is None  # 0 / stab(0) would be 0/0
+    assert ratio_given_rectified(torch.tensor([[0.3, 0.1, 0.0, -1.0]], dtype=DT), y, 1e-6) is None
+    assert ratio_given_rectified(torch.tensor([[0.3, float("nan"), 0.0, 1.0]], dtype=DT), y, 1e-6) is None
+    assert ratio_given_rectified(r, None, 1e-6) is None
+
+
+def test_rebuilt_value_is_reused_and_gives_the_same_result():
+    model = Residual().to(DT).eval()
+    x, t = torch.randn(5, 8, dtype=DT), torch.tensor([0, 1, 2, 0, 1])
+    leaf = torch.randn(2, 8, dtype=DT, requires_grad=True)
+    graph = build_graph(model(leaf).grad_fn, (leaf,))
+    kinds = [s[6][0] for s in build_plan(graph, RULE_TABLE).steps if s[0] == PROPAGATE and s[6] is not None]
+    assert "value" in kinds
+    assert torch.equal(run(model, x, t, store=True), run(model, x, t, store=True, kinds=("value",)))
+
+
+class Sequence3d(nn.Module):
+    """Linear maps on (batch, tokens, features): each is an addmm whose output is viewed back to 3-d."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(width, 2 * width), nn.Linear(2 * width, width), nn.Linear(width, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.b(nn.functional.gelu(self.a(x))))
+        return self.c(h).sum(1)
+
+
+def test_kept_outputs_are_found_behind_reshapes():
+    model = Sequence3d().to(DT).eval()
+    x, t = torch.randn(4, 5, 8, dtype=DT), torch.tensor([0, 1, 2, 0])
+    leaf = torch.randn(2, 5, 8, dtype=DT, requires_grad=True)
+    graph = build_graph(model(leaf).grad_fn, (leaf,))
+    kinds = {
+        graph.types[s[1]] + ":" + s[6][0]
+        for s in build_plan(graph, RULE_TABLE).steps
+        if s[0] == PROPAGATE and s[6] is not None
+    }
+    assert {"AddmmBackward0:consumer", "AddmmBackward0:rectified"} <= kinds  # GELU kept a's, ReLU b's (as max)
+    torch.testing.assert_close(
+        run(model, x, t, store=True), run(model, x, t, store=True, kinds=("consumer", "rectified")),
+        rtol=1e-10, atol=1e-12,
+    )
+
+
+# ------------------------------------------------------------------ row-sparse relevance
+
+
+def test_relevant_rows():
+    r = torch.zeros(6, 3, dtype=DT)
+    r[4, 1] = 2.0
+    assert rows_module.relevant_rows(r).tolist() == [4]
+    r[1, 0] = float("nan")
+    assert rows_module.relevant_rows(r).tolist() == [1, 4]
+    assert rows_module.relevant_rows(torch.ones(6, 3, dtype=DT)) is None  # dense: not worth it
+    assert rows_module.relevant_rows(torch.ones(1, 3, dtype=DT)) is None
+
+
+@pytest.mark.parametrize("linear", ["epsilon", "gamma", "zplus"])
+def test_last_position_skips_other_rows_with_the_same_result(linear, monkeypatch):
+    """Explaining the last position of a sequence: the head and last MLP see one relevant row."""
+    torch.manual_seed(0)
+    body, head = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)).to(DT), nn.Linear(8, 11).to(DT)
+
+    def model(x):  # (seq, 8) -> logits of the last position, shape (1, 11); the mean mixes positions
+        h = x + x.mean(0, keepdim=True)
+        return head(h + body(h))[-1:]
+
+    x = torch.randn(7, 8, dtype=DT)
+    lrp = DynamicLRP(model, rules=linear)
+    sparse = lrp.attribute(x, target=3)
+    monkeypatch.setattr(rows_module, "MAX_ROW_FRACTION", -1.0)
+    dense = DynamicLRP(model, rules=linear).attribute(x, target=3)
+    # Exact up to rounding: a one-row product may accumulate in another order than the full one.
+    torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=1e-14)
+    assert sparse[:-1].abs().sum() > 0  # the other positions get relevance through the mean
