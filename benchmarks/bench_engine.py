@@ -86,11 +86,58 @@ def build_workload(name: str, batch: int, resnet_size: int, vgg_size: int):
         model = torchvision.models.vgg11(weights=None)
         x = torch.randn(batch, 3, vgg_size, vgg_size)
         classes = 1000
+    elif name == "resnet50":
+        import torchvision
+
+        model = torchvision.models.resnet50(weights=None)
+        x = torch.randn(batch, 3, 224, 224)
+        classes = 1000
+    elif name == "vit_b16":
+        import torchvision
+
+        model = torchvision.models.vit_b_16(weights=None)
+        x = torch.randn(batch, 3, 224, 224)
+        classes = 1000
+    elif name in ("gpt2", "llama8"):
+        model, x, classes = _language_model(name, batch)
     else:
         raise ValueError(f"unknown workload {name!r}")
     model.eval()
     target = torch.arange(x.shape[0]) * 7 % classes
     return model, x, target
+
+
+def _next_token_logits(lm):
+    """Wrap a causal LM as a module mapping input embeddings to the last position's logits."""
+    from torch import nn
+
+    class NextTokenLogits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, embeds):
+            return self.lm(inputs_embeds=embeds).logits[:, -1]
+
+    return NextTokenLogits()
+
+
+def _language_model(name: str, batch: int):
+    """GPT-2 small (12 layers, 768 wide) or an 8-layer Llama (512 wide), random weights, 512 tokens, SDPA."""
+    import torch
+    import transformers
+
+    if name == "gpt2":
+        config = transformers.GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=512, vocab_size=50257)
+        lm = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(num_hidden_layers=8, hidden_size=512, intermediate_size=1536,
+                                          num_attention_heads=8, num_key_value_heads=4, vocab_size=32000,
+                                          max_position_embeddings=512)
+        lm = transformers.LlamaForCausalLM(config)
+    lm.config._attn_implementation = "sdpa"
+    x = torch.randn(batch, 512, config.hidden_size if name == "llama8" else config.n_embd) * 0.02
+    return _next_token_logits(lm), x, config.vocab_size
 
 
 def make_calls(model, x, target) -> dict[str, Callable[[], Any]]:
@@ -252,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per method (median reported)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch multipliers (default: 1 8)")
     parser.add_argument(
-        "--models", nargs="+", default=["mlp", "resnet18", "vgg11"], choices=["mlp", "resnet18", "vgg11"]
+        "--models", nargs="+", default=["mlp", "resnet18", "vgg11"],
+        choices=["mlp", "resnet18", "vgg11", "resnet50", "vit_b16", "gpt2", "llama8"],
+        help="workloads (default: mlp resnet18 vgg11; the zoo's benchmark sizes: resnet50 vit_b16 gpt2 llama8)"
     )
     parser.add_argument("--json", type=Path, default=None, help="write all numbers to this JSON file")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every child (default 2)")
