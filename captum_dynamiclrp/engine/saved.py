@@ -28,7 +28,7 @@ in the schedule, never a silently wrong value.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -147,7 +147,7 @@ def saved_schedule(plan: Plan, num_nodes: int) -> tuple[list[int], dict[int, lis
     replay (REPLAY), its kept output (KEPT_OUTPUT), and any step reading what ``j`` kept of a
     neighbour's value (KEPT_BY_CONSUMER from ``j``, a PROPAGATE whose output source is ``j``).
     """
-    cached = getattr(plan, "saved_schedule", None)
+    cached = plan.saved_schedule
     if cached is not None and cached[0] == num_nodes:
         return cached[1], cached[2]
     last: dict[int, int] = {}
@@ -165,15 +165,5 @@ def saved_schedule(plan: Plan, num_nodes: int) -> tuple[list[int], dict[int, lis
     after_step: dict[int, list[int]] = {}
     for node, index in last.items():
         after_step.setdefault(index, []).append(node)
-    try:
-        plan.saved_schedule = (num_nodes, unread, after_step)
-    except AttributeError:  # a plan type without the slot: recompute next time
-        pass
+    plan.saved_schedule = (num_nodes, unread, after_step)
     return unread, after_step
-
-
-def release_unread(saved: Optional[SavedTensorStore], nodes: list, unread: list[int]) -> None:
-    """Empty the boxes of the nodes the walk never reads."""
-    if saved is not None:
-        for j in unread:
-            saved.release(nodes[j])

@@ -29,7 +29,7 @@ from ..rules.base import FOLDED_BIAS_SUM, OpSpec, RuleContext, RuleSettings
 from .graph import LEAF_TYPE, AutogradGraph, consumer_edges, relevant_nodes
 from .plan import CAPTURE, KEPT_BY_CONSUMER, KEPT_OUTPUT, LEAF, PROPAGATE, REPLAY, Plan
 from .promise import PromiseResolver, output_kept_through_reshapes, output_rectified_by_consumer
-from .saved import SavedTensorStore, release_unread, saved_schedule
+from .saved import SavedTensorStore, saved_schedule
 
 
 class NotConnectedError(DynamicLRPError):
@@ -255,7 +255,8 @@ def execute(
     saved_after: dict[int, list[int]] = {}
     if saved is not None:
         unread, saved_after = saved_schedule(plan, len(nodes))
-        release_unread(saved, nodes, unread)
+        for j in unread:  # nodes the walk never reads: their saved tensors go now
+            saved.release(nodes[j])
     dtype = seed.dtype
     root = (root_output, seed_output_nr)
     values: dict[int, tuple] = {}
