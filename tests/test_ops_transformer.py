@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from captum_dynamiclrp.engine import relevance
 from captum_dynamiclrp.errors import UnrecoverableOperandError
-from captum_dynamiclrp.rules import CP_LRP_OVERRIDES, RuleSettings
+from captum_dynamiclrp.rules import CP_LRP_OVERRIDES, RuleSettings, attention
 
 from .conftest import stab
 from .test_ops import DT, EPS, engine_relevance, leaf, vjp
@@ -74,23 +74,39 @@ ATTENTION_CASES = {
     "zero_float_mask": dict(attn_mask="float0"),
     "gqa": dict(gqa=True),
     "scale": dict(scale=0.3),
+    "causal_more_keys": dict(is_causal=True, keys=7),
+    "float_mask_per_batch": dict(attn_mask="float_batch"),
+    "float_mask_dead_row": dict(attn_mask="float_dead_row"),
+    "bool_mask_dead_row": dict(attn_mask="bool_dead_row"),
+    "gqa_causal": dict(gqa=True, is_causal=True),
+    "gqa_bool_mask": dict(gqa=True, attn_mask="bool"),
 }
 
 
 def _attention_inputs(case):
     q = leaf(2, 4, 5, 8)
     kv_heads = 2 if case.get("gqa") else 4
-    k, v = leaf(2, kv_heads, 6 if not case.get("is_causal") else 5, 8), None
+    keys = case.get("keys", 5 if case.get("is_causal") and "attn_mask" not in case else 6)
+    k, v = leaf(2, kv_heads, keys, 8), None
     v = leaf(*k.shape)
     kwargs = {}
     if case.get("is_causal"):
         kwargs["is_causal"] = True
-    if case.get("attn_mask") == "bool":
-        mask = torch.rand(5, 6) > 0.3
+    if case.get("attn_mask") in ("bool", "bool_dead_row"):
+        mask = torch.rand(5, keys) > 0.3
         mask[:, 0] = True
+        if case["attn_mask"] == "bool_dead_row":
+            mask[2] = False  # a query that sees no key: PyTorch gives it a zero output
         kwargs["attn_mask"] = mask
     if case.get("attn_mask") == "float0":
-        kwargs["attn_mask"] = torch.zeros(5, 6, dtype=DT)
+        kwargs["attn_mask"] = torch.zeros(5, keys, dtype=DT)
+    if case.get("attn_mask") == "float_batch":
+        kwargs["attn_mask"] = torch.randn(2, 1, 5, keys, dtype=DT)
+    if case.get("attn_mask") == "float_dead_row":
+        mask = torch.randn(5, keys, dtype=DT)
+        mask[1] = float("-inf")
+        mask[3, 2:] = torch.finfo(DT).min
+        kwargs["attn_mask"] = mask
     if case.get("gqa"):
         kwargs["enable_gqa"] = True
     if "scale" in case:
@@ -98,9 +114,12 @@ def _attention_inputs(case):
     return q, k, v, kwargs
 
 
+@pytest.mark.parametrize("blocks", ["whole", "row_by_row"])
 @pytest.mark.parametrize("preset", ["attnlrp", "cp"])
 @pytest.mark.parametrize("name", sorted(ATTENTION_CASES))
-def test_fused_attention_equals_its_decomposition(name, preset):
+def test_fused_attention_equals_its_decomposition(name, preset, blocks, monkeypatch):
+    if blocks == "row_by_row":  # one query row per block: every block boundary is exercised
+        monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", 1)
     q, k, v, kwargs = _attention_inputs(ATTENTION_CASES[name])
     settings = RuleSettings(epsilon=EPS, attention=preset)
     overrides = CP_LRP_OVERRIDES if preset == "cp" else None
@@ -108,11 +127,17 @@ def test_fused_attention_equals_its_decomposition(name, preset):
     assert "Attention" in type(fused.grad_fn).__name__
     seed = torch.randn_like(fused)
     r_fused = relevance(fused, (q, k, v), seed, settings=settings, overrides=overrides)
+    mask = kwargs.get("attn_mask")
+    if mask is not None and mask.is_floating_point():
+        # Tracked (not requested), so that the decomposition's sum knows the mask's value: an
+        # untracked operand enters a recomputed sum as zero.
+        kwargs["attn_mask"] = mask.clone().requires_grad_(True)
     with sdpa_kernel(SDPBackend.MATH):
         math = F.scaled_dot_product_attention(q, k, v, **kwargs)
     assert "Attention" not in type(math.grad_fn).__name__
     r_math = relevance(math, (q, k, v), seed, settings=settings, overrides=overrides)
     for a, b in zip(r_fused, r_math):
+        assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
     if preset == "cp":
         assert r_fused[0].abs().max() == 0 and r_fused[1].abs().max() == 0

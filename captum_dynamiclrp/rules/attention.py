@@ -74,14 +74,50 @@ def _first(node: Node, *names: str):
     return None
 
 
+# Attention is explained a block of query rows at a time, so that the (rows x keys) temporaries of
+# every head stay small (cache-sized) however long the sequence: about this many elements each.
+_BLOCK_ELEMENTS = 1 << 18
+
+
+def _query_blocks(batch_heads: int, length: int, source: int) -> int:
+    return max(1, min(length, _BLOCK_ELEMENTS // max(1, batch_heads * source)))
+
+
+def _stabilised_fraction(x: Tensor, eps: float) -> Tensor:
+    r""":math:`x / \mathrm{stab}(x) = |x| / (|x| + \epsilon)` (bit for bit: IEEE rounding is symmetric)."""
+    magnitude = x.abs()
+    return magnitude.div_(magnitude + eps)
+
+
 def _attention_relevance(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, scale: Optional[float],
-    relevance: Tensor, eps: float, relevant: tuple[bool, bool, bool],
+    relevance: Tensor, eps: float, relevant: tuple[bool, bool, bool], output: MaybeTensor = None,
 ) -> tuple[MaybeTensor, MaybeTensor, MaybeTensor]:
-    """Relevance of q, k, v for ``softmax(scale * q k^T + mask) v`` (see the module docstring).
+    r"""Relevance of q, k, v for ``softmax(scale * q k^T + mask) v`` (see the module docstring).
 
     ``relevant`` says which of q, k, v lead to a requested tensor; as for any product, a
     factor that does not is a constant and the other factor takes the whole share.
+    ``output``: the forward's result, used where it is in the relevance dtype (else recomputed).
+
+    The composition of the four rules collapses to five matrix products per block of query
+    rows, as many as a fused attention backward. With :math:`x = \alpha q k^\top`, scores
+    :math:`S` (x plus the mask), :math:`A = \mathrm{softmax}(S)`, :math:`o = A v`,
+    :math:`\sigma = R / \mathrm{stab}(o)`, shares :math:`c_{av}`, :math:`c_{qk}` (1/2 each where
+    both factors are relevant) and :math:`f(t) = t / \mathrm{stab}(t)`:
+
+    * :math:`R_v = c_{av}\, v \odot (A^\top \sigma)`;
+    * the softmax rule on :math:`R_A = c_{av} A \odot \sigma v^\top` needs the row sums
+      :math:`\sum_j R_{A,ij} = c_{av}\,\rho_i` with :math:`\rho_i = \sigma_i \cdot o_i`, so no
+      (rows x keys) reduction: :math:`R_S = c_{av} S \odot A \odot (\sigma v^\top - \rho)`;
+    * the mask step (epsilon on contributions, only where a mask was given or the call is causal)
+      and the bilinear step on :math:`x` give
+      :math:`\tau = c_{qk} \alpha\, R_x / \mathrm{stab}(x) = c_{qk} c_{av} \alpha\, A \odot (\sigma v^\top - \rho)
+      \odot f(S) \,[\odot f(x)]`, and :math:`R_q = q \odot \tau k`, :math:`R_k = k \odot \tau^\top q`.
+
+    Masked positions have :math:`A = 0`; they are filled with the dtype's lowest finite value
+    (not ``-inf``), so that :math:`f` stays finite there and they contribute exactly zero. A row
+    a boolean or ``-inf`` mask hides entirely gets :math:`A = 0` (as PyTorch's safe softmax).
+    Under a causal mask a block of rows reads only the keys it can see.
     """
     rel_q, rel_k, rel_v = relevant
     rel_probs = rel_q or rel_k
@@ -91,37 +127,71 @@ def _attention_relevance(
     if groups > 1:  # grouped-query attention: each key/value head serves several query heads
         k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
     alpha = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    logits = (q @ k.transpose(-2, -1)) * alpha
-    scores = logits
-    if causal:
-        length, source = q.shape[-2], k.shape[-2]
-        keep = torch.ones(length, source, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(dtype)
-    probs = torch.softmax(scores, dim=-1)
-    out = probs @ v
-    sigma = ratio(relevance, out, eps)
     share_av = 0.5 if (rel_probs and rel_v) else 1.0
-    r_q = r_k = r_v = None
-    if rel_v:
-        r_v = share_av * v * (probs.transpose(-2, -1) @ sigma)
-    if rel_probs:
-        r_probs = share_av * probs * (sigma @ v.transpose(-2, -1))
-        r_scores = _deep_taylor(scores, probs, r_probs, -1)
-        if mask is None and not causal:
-            r_logits = r_scores
-        else:  # scores = logits + mask: the logits' share; masked positions carry none.
-            safe = torch.where(probs > 0, scores, 1.0)
-            r_logits = torch.where(probs > 0, logits * r_scores / stabilize(safe, eps), 0.0)
-        # The scale is a constant; q k^T is bilinear (stabilised on the scaled logits, as
-        # PyTorch's math backend computes (sqrt(a) q)(sqrt(a) k)^T).
-        share_qk = 0.5 if (rel_q and rel_k) else 1.0
-        tau = ratio(r_logits, logits, eps).mul_(share_qk * alpha)
+    share_qk = 0.5 if (rel_q and rel_k) else 1.0
+    lead, length, source = q.shape[:-2], q.shape[-2], k.shape[-2]
+    # Three-d views (heads flattened into the batch) for the batched products.
+    q3, k3, v3 = q.reshape(-1, length, q.shape[-1]), k.reshape(-1, source, k.shape[-1]), v.reshape(-1, source, v.shape[-1])
+    relevance3 = relevance.reshape(-1, length, relevance.shape[-1])
+    if output is not None and output.dtype == dtype:
+        output = output.reshape(relevance3.shape)
+    else:
+        output = None
+    lowest = torch.finfo(dtype).min
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(dtype)
+    r_q = torch.empty_like(q3) if rel_q else None
+    sum_k = torch.zeros_like(k3) if rel_k else None  # tau^T q, summed over blocks
+    sum_v = torch.zeros_like(v3) if rel_v else None  # A^T sigma, summed over blocks
+    rows = _query_blocks(q3.shape[0], length, source)
+    for start in range(0, length, rows):
+        stop = min(length, start + rows)
+        seen = min(source, stop) if causal else source  # keys any row of the block can see
+        q_block, k_seen, v_seen = q3[:, start:stop], k3[:, :seen], v3[:, :seen]
+        x = torch.bmm(q_block * alpha, k_seen.transpose(1, 2))  # the scaled logits
+        x4 = x.view(lead + x.shape[1:])
+        keep = dead = scores = None
+        if causal:  # PyTorch's is_causal: query i sees keys 0..i (top-left aligned)
+            keep = torch.ones(stop - start, seen, dtype=torch.bool, device=q.device).tril(start)
+        if mask is not None:
+            block = mask[..., start:stop, :seen] if mask.dim() >= 2 and mask.shape[-2] == length else mask[..., :seen]
+            if block.dtype == torch.bool:
+                keep = block if keep is None else keep & block
+                dead = ~block.any(-1, keepdim=True)
+            else:
+                scores = (x4 + block).clamp_(min=lowest)
+                dead = torch.isneginf(block).all(-1, keepdim=True)
+        if keep is not None:  # a boolean mask only selects: the kept scores are the logits
+            x4.masked_fill_(~keep, lowest)
+        probs = torch.softmax(x4 if scores is None else scores, dim=-1)
+        if dead is not None:
+            probs.masked_fill_(dead, 0.0)
+        probs = probs.view(x.shape)
+        out = torch.bmm(probs, v_seen) if output is None else output[:, start:stop]
+        sigma = ratio(relevance3[:, start:stop], out, eps)
+        if rel_v:
+            sum_v[:, :seen] += torch.bmm(probs.transpose(1, 2), sigma)
+        if not rel_probs:
+            continue
+        rho = (sigma * out).sum(-1, keepdim=True)
+        del out
+        tau = torch.bmm(sigma, v_seen.transpose(1, 2)).sub_(rho).mul_(probs)  # A (sigma v^T - rho)
+        del probs
+        fraction = _stabilised_fraction(x, eps)
+        tau.mul_(fraction)
+        if scores is not None:  # f(S) f(x)
+            tau.mul_(_stabilised_fraction(scores, eps).view(x.shape))
+        elif keep is not None:  # f(S) f(x) with S = x at every kept position
+            tau.mul_(fraction)
+        del fraction, x, x4, scores
         if rel_q:
-            r_q = q * (tau @ k)
+            torch.mul(q_block, torch.bmm(tau, k_seen), out=r_q[:, start:stop])
         if rel_k:
-            r_k = k * (tau.transpose(-2, -1) @ q)
+            sum_k[:, :seen] += torch.bmm(tau.transpose(1, 2), q_block)
+    coefficient = share_av * share_qk * alpha
+    r_q = r_q.mul_(coefficient).view(q.shape) if rel_q else None
+    r_k = sum_k.mul_(k3).mul_(coefficient).view(k.shape) if rel_k else None
+    r_v = sum_v.mul_(v3).mul_(share_av).view(v.shape) if rel_v else None
     if groups > 1:
         def fold(r: MaybeTensor) -> MaybeTensor:
             if r is None:
@@ -147,7 +217,8 @@ def sdpa_rule(ctx: RuleContext) -> list[MaybeTensor]:
     cp = ctx.settings.attention == "cp"
     relevant = (ctx.relevant[0] and not cp, ctx.relevant[1] and not cp, ctx.relevant[2])
     r_q, r_k, r_v = _attention_relevance(
-        q, k, v, mask, bool(saved(node, "is_causal")), saved(node, "scale"), ctx.out, ctx.settings.epsilon, relevant
+        q, k, v, mask, bool(saved(node, "is_causal")), saved(node, "scale"), ctx.out, ctx.settings.epsilon, relevant,
+        saved(node, "output"),
     )
     result: list[MaybeTensor] = [r_q, r_k, r_v]
     result += [None] * (len(node.next_functions) - 3)
