@@ -39,10 +39,11 @@ def stabilize(z: Tensor, eps: float) -> Tensor:
     r"""Epsilon stabiliser :math:`z + \epsilon\,\mathrm{sign}(z)` with :math:`\mathrm{sign}(+0) = +1`.
 
     Never a bare ``z + eps``: a negative pre-activation must move away from zero too.
-    Two elementwise passes (``copysign`` then ``add``) and no host synchronisation;
-    IEEE ``copysign`` gives a negative zero the sign -1.
+    Computed as :math:`\mathrm{copysign}(|z| + \epsilon, z)` in one new buffer: the same bits
+    (IEEE rounding is symmetric, and ``-0`` gets :math:`-\epsilon`), and faster than copying
+    the sign onto a broadcast scalar. No host synchronisation.
     """
-    return z + torch.copysign(torch.tensor(eps, dtype=z.dtype), z)
+    return z.abs().add_(eps).copysign_(z)
 
 
 def ratio(relevance: Tensor, z: Tensor, eps: float) -> Tensor:
@@ -51,8 +52,7 @@ def ratio(relevance: Tensor, z: Tensor, eps: float) -> Tensor:
     Every epsilon-type rule divides relevance by a stabilised denominator; doing it in one
     buffer keeps the rules' temporary memory near that of a gradient pass.
     """
-    denominator = torch.copysign(torch.tensor(eps, dtype=z.dtype), z)
-    denominator.add_(z)
+    denominator = stabilize(z, eps)
     if denominator.dtype != relevance.dtype:
         denominator = denominator.to(relevance.dtype)
     if denominator.shape == relevance.shape:

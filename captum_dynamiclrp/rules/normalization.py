@@ -56,7 +56,7 @@ def _affine(node: Node, inputs: list) -> tuple[Tensor, Tensor]:
     x, bias = inputs[0], inputs[2]
     scale, shift = _scale_shift(node, bias)
     scale = _channel_view(scale, x)
-    return scale, (x * scale).add_(_channel_view(shift, x))
+    return scale, torch.addcmul(_channel_view(shift, x), x, scale)  # one pass: shift + x * scale
 
 
 def batch_norm_rule(ctx: RuleContext) -> list[MaybeTensor]:
