@@ -4,8 +4,9 @@ Builds transformer-style residual stacks (layer norm, attention with softmax, ga
 residual adds: every promise shape) of 4, 8, 16, 32 and 64 blocks with a small width, so that
 the engine's own work (graph building, pruning, ordering, promise resolution, the executor
 loop) dominates the tensor arithmetic. For each depth it reports the median time of a first
-call (plan built) and of a cached call, divided by the number of autograd nodes. Flat columns
-mean O(nodes + edges).
+call (plan built) and of a cached call, divided by the number of autograd nodes, and the time
+per node added since the previous depth (the slope, free of each call's fixed cost). Flat
+columns mean O(nodes + edges).
 
 Run: ``python benchmarks/bench_depth.py [--repeats 5] [--json out.json] [--plot out.png]``
 """
@@ -60,9 +61,23 @@ def measure(depth: int, width: int, repeats: int) -> dict:
     return {
         "depth": depth,
         "nodes": nodes,
+        "first_ms": statistics.median(first) * 1e3,
+        "cached_ms": statistics.median(cached) * 1e3,
         "first_us_per_node": statistics.median(first) / nodes * 1e6,
         "cached_us_per_node": statistics.median(cached) / nodes * 1e6,
     }
+
+
+def add_marginal(rows: list[dict]) -> None:
+    """Time per node added since the previous depth: flat exactly when the cost is linear.
+
+    Time per node also carries each call's fixed cost divided by the node count, which makes the
+    shallowest stacks look dearer per node; the slope between depths does not.
+    """
+    for previous, row in zip(rows, rows[1:]):
+        added = row["nodes"] - previous["nodes"]
+        for kind in ("first", "cached"):
+            row[f"{kind}_us_per_added_node"] = (row[f"{kind}_ms"] - previous[f"{kind}_ms"]) / added * 1e3
 
 
 def main() -> None:
@@ -75,11 +90,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = [measure(d, args.width, args.repeats) for d in args.depths]
-    print(f"{'depth':>6} {'nodes':>7} {'first us/node':>14} {'cached us/node':>15}")
+    add_marginal(rows)
+    print(f"{'depth':>6} {'nodes':>7} {'first us/node':>14} {'cached us/node':>15} {'first us/added':>15} {'cached us/added':>16}")
     for r in rows:
-        print(f"{r['depth']:>6} {r['nodes']:>7} {r['first_us_per_node']:>14.1f} {r['cached_us_per_node']:>15.1f}")
-    for key in ("first_us_per_node", "cached_us_per_node"):
-        values = [r[key] for r in rows]
+        added = [r.get(f"{kind}_us_per_added_node") for kind in ("first", "cached")]
+        shown = [f"{a:.1f}" if a is not None else "-" for a in added]
+        print(f"{r['depth']:>6} {r['nodes']:>7} {r['first_us_per_node']:>14.1f} {r['cached_us_per_node']:>15.1f}"
+              f" {shown[0]:>15} {shown[1]:>16}")
+    for key in ("first_us_per_node", "cached_us_per_node", "first_us_per_added_node", "cached_us_per_added_node"):
+        values = [r[key] for r in rows if key in r]
         print(f"{key}: max/min over depths = {max(values) / min(values):.2f}")
     if args.json:
         with open(args.json, "w") as f:

@@ -26,6 +26,7 @@ from captum_dynamiclrp.engine.saved import ReleasedSavedTensorError, saved_sched
 from captum_dynamiclrp.engine.walker import build_plan
 from captum_dynamiclrp.rules import RULE_TABLE
 from captum_dynamiclrp.rules import rows as rows_module
+from captum_dynamiclrp.rules import base
 from captum_dynamiclrp.rules.base import RuleSettings, ratio, ratio_given_rectified
 
 DT = torch.float64
@@ -196,6 +197,22 @@ def test_ratio_given_rectified_is_exact_or_declines():
     assert ratio_given_rectified(torch.tensor([[0.3, 0.1, 0.0, -1.0]], dtype=DT), y, 1e-6) is None
     assert ratio_given_rectified(torch.tensor([[0.3, float("nan"), 0.0, 1.0]], dtype=DT), y, 1e-6) is None
     assert ratio_given_rectified(r, None, 1e-6) is None
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_ratio_given_rectified_checks_every_block(layout, monkeypatch):
+    monkeypatch.setattr(base, "_CHECK_BLOCK", 3)  # the check runs over blocks of 3 elements
+    z = torch.randn(6, 5, dtype=DT)
+    z[:, 1] = -1.0
+    r = torch.where(z > 0, torch.randn(6, 5, dtype=DT), 0.0)
+    if layout == "transposed":
+        z, r = z.t(), r.t()
+    y = z.clamp(min=0)
+    assert torch.equal(ratio_given_rectified(r, y, 1e-6), ratio(r, z, 1e-6))
+    for position in [(0, 1), (5, 1)] if layout == "contiguous" else [(1, 0), (1, 5)]:
+        bad = r.clone()
+        bad[position] = 0.5  # relevance where the ReLU cut z, in the first or the last block
+        assert ratio_given_rectified(bad, y, 1e-6) is None
 
 
 def test_rebuilt_value_is_reused_and_gives_the_same_result():

@@ -81,13 +81,28 @@ def ratio_given_rectified(relevance: Tensor, rectified: MaybeTensor, eps: float)
         # The check below reads a flag back to the host: free on the CPU, where ops run
         # synchronously, but a pipeline stall per layer on an accelerator: recompute z there.
         return None
-    # Non-zero (or NaN) relevance where the ReLU cut z: z itself is needed there. Boolean
-    # temporaries only (a quarter of a float buffer each).
-    cut = rectified == 0
-    if bool(cut.logical_and_(relevance != 0).any()):
+    if not _vanishes_where_zero(relevance, rectified):  # z itself is needed there
         return None
-    del cut
     return ratio(relevance, rectified, eps)
+
+
+# The check above runs over blocks of this many elements, so that its boolean temporaries stay
+# small next to the rule's own buffers (they would add half a float buffer at the rule's peak).
+_CHECK_BLOCK = 1 << 16
+
+
+def _vanishes_where_zero(relevance: Tensor, rectified: Tensor) -> bool:
+    """Whether ``relevance`` is zero (and not NaN) wherever ``rectified`` is zero."""
+    if relevance.is_contiguous() and rectified.is_contiguous():
+        flat_r, flat_y = relevance.view(-1), rectified.view(-1)
+    else:
+        flat_r, flat_y = relevance, rectified
+    step = _CHECK_BLOCK if flat_r.dim() == 1 else flat_r.numel()
+    for start in range(0, flat_r.numel(), step):
+        block_r, block_y = (flat_r[start:start + step], flat_y[start:start + step]) if flat_r.dim() == 1 else (flat_r, flat_y)
+        if bool((block_y == 0).logical_and_(block_r != 0).any()):
+            return False
+    return True
 
 
 @dataclass(frozen=True)
