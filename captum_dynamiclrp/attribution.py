@@ -312,23 +312,29 @@ class DynamicLRP(Attribution):
                     "to say which one to explain."
                 )
             return output.detach(), output_rows.detach().reshape(output_rows.shape[0])
-        positions = torch.arange(output_rows.numel(), device=output.device).view(output_rows.shape)
+        # Flat positions, selected the way Captum selects targets; int32 where it fits, since this
+        # index tensor is as large as the output (a language model's logits) and lives next to the graph.
+        count = output_rows.numel()
+        index_dtype = torch.int32 if count < 2**31 else torch.int64
+        positions = torch.arange(count, dtype=index_dtype, device=output.device).view(output_rows.shape)
         try:
             chosen = _select_targets(positions, target)
         except (IndexError, RuntimeError, AssertionError, ValueError) as err:
             raise ValueError(
                 f"Invalid target {target!r} for model output of shape {tuple(output.shape)}: {err}"
             ) from None
+        del positions
         if chosen.dim() != 1 or chosen.shape[0] != output_rows.shape[0]:
             raise ValueError(
                 f"target {target!r} does not select one value per example of an output of shape "
                 f"{tuple(output.shape)}"
             )
-        mask = torch.zeros(output_rows.numel(), dtype=torch.bool, device=output.device)
-        mask[chosen] = True
-        mask = mask.view(output.shape)
-        seed = torch.where(mask, output.detach(), 0)
-        return seed, output_rows.detach().reshape(-1)[chosen]
+        chosen = chosen.long()
+        flat = output.detach().reshape(-1)
+        selected = flat[chosen]
+        seed = torch.zeros_like(flat)
+        seed[chosen] = selected
+        return seed.view(output.shape), output_rows.detach().reshape(-1)[chosen]
 
     @staticmethod
     def _delta(attributions: tuple[Tensor, ...], selected: Tensor) -> Tensor:

@@ -120,6 +120,7 @@ def _attention_inputs(case):
 def test_fused_attention_equals_its_decomposition(name, preset, blocks, monkeypatch):
     if blocks == "row_by_row":  # one query row per block: every block boundary is exercised
         monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", 1)
+        monkeypatch.setattr(attention, "_MIN_ROWS", 1)
     q, k, v, kwargs = _attention_inputs(ATTENTION_CASES[name])
     settings = RuleSettings(epsilon=EPS, attention=preset)
     overrides = CP_LRP_OVERRIDES if preset == "cp" else None

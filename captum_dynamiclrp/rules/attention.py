@@ -75,12 +75,16 @@ def _first(node: Node, *names: str):
 
 
 # Attention is explained a block of query rows at a time, so that the (rows x keys) temporaries of
-# every head stay small (cache-sized) however long the sequence: about this many elements each.
+# every head stay small however long the sequence: about this many elements each on the CPU
+# (cache-sized), more on accelerators (fewer, larger kernels); never fewer than _MIN_ROWS rows.
 _BLOCK_ELEMENTS = 1 << 18
+_BLOCK_ELEMENTS_ACCELERATOR = 1 << 24
+_MIN_ROWS = 32
 
 
-def _query_blocks(batch_heads: int, length: int, source: int) -> int:
-    return max(1, min(length, _BLOCK_ELEMENTS // max(1, batch_heads * source)))
+def _query_blocks(batch_heads: int, length: int, source: int, device: torch.device) -> int:
+    budget = _BLOCK_ELEMENTS if device.type == "cpu" else _BLOCK_ELEMENTS_ACCELERATOR
+    return max(1, min(length, max(_MIN_ROWS, budget // max(1, batch_heads * source))))
 
 
 def _stabilised_fraction(x: Tensor, eps: float) -> Tensor:
@@ -143,7 +147,7 @@ def _attention_relevance(
     r_q = torch.empty_like(q3) if rel_q else None
     sum_k = torch.zeros_like(k3) if rel_k else None  # tau^T q, summed over blocks
     sum_v = torch.zeros_like(v3) if rel_v else None  # A^T sigma, summed over blocks
-    rows = _query_blocks(q3.shape[0], length, source)
+    rows = _query_blocks(q3.shape[0], length, source, q.device)
     for start in range(0, length, rows):
         stop = min(length, start + rows)
         seen = min(source, stop) if causal else source  # keys any row of the block can see
