@@ -27,7 +27,8 @@ from ..rules.base import OpSpec
 # An output source (a rule's own output value): ("consumer", consumer, slot, spec) - a consumer
 # kept it as its operand; ("root",) - it is the explained output itself; ("value", node) - a
 # promise rebuilt it earlier in the plan; ("rectified", consumer, spec) - not the output but
-# max(output, 0), kept by a ReLU consumer (RuleContext.rectified).
+# max(output, 0), kept by a ReLU consumer (RuleContext.rectified); ("storage", consumer, slot, spec)
+# - a consumer kept a view of it, whose storage is the whole output (walker.output_from_storage).
 Source = Tuple[str, int, int]
 
 LEAF, KEPT_OUTPUT, REPLAY, PROPAGATE, CAPTURE, KEPT_BY_CONSUMER = range(6)

@@ -157,7 +157,7 @@ def saved_schedule(plan: Plan, num_nodes: int) -> tuple[list[int], dict[int, lis
             last[step[1]] = index
         if kind == KEPT_BY_CONSUMER:
             last[step[2]] = index
-        elif kind == PROPAGATE and step[6] is not None and step[6][0] in ("consumer", "rectified"):
+        elif kind == PROPAGATE and step[6] is not None and step[6][0] in ("consumer", "storage", "rectified"):
             last[step[6][1]] = index  # what a consumer kept of this node's output
         elif kind not in (PROPAGATE, REPLAY, KEPT_OUTPUT, LEAF, CAPTURE):
             raise ValueError(f"unknown plan step kind {kind}")

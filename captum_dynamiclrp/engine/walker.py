@@ -28,7 +28,12 @@ from ..rules import RULE_TABLE
 from ..rules.base import FOLDED_BIAS_SUM, OpSpec, RuleContext, RuleSettings
 from .graph import LEAF_TYPE, AutogradGraph, consumer_edges, relevant_nodes
 from .plan import CAPTURE, KEPT_BY_CONSUMER, KEPT_OUTPUT, LEAF, PROPAGATE, REPLAY, Plan
-from .promise import PromiseResolver, output_kept_through_reshapes, output_rectified_by_consumer
+from .promise import (
+    PromiseResolver,
+    output_kept_through_reshapes,
+    output_rectified_by_consumer,
+    output_viewed_by_consumer,
+)
 from .saved import SavedTensorStore, saved_schedule
 
 
@@ -83,10 +88,14 @@ def build_plan(graph: AutogradGraph, table: Mapping[str, OpSpec], fallback: Opti
                     # A consumer's promise already rebuilt this output (e.g. the branch of a
                     # residual sum): reuse that value instead of recomputing it.
                     output_source = ("value", i)
+                if output_source is None and spec.fresh_output and spec.needs_given_output is None:
+                    viewed = output_viewed_by_consumer(graph, table, consumers, i)  # q/k/v into attention
+                    output_source = ("storage",) + viewed if viewed else None
                 if output_source is None:  # max(output, 0) from a ReLU: exact where relevance allows
                     rectified = output_rectified_by_consumer(graph, table, consumers, i)
                     output_source = ("rectified",) + rectified if rectified else None
-            exact_output = output_source is not None and output_source[0] != "rectified"
+            # "rectified" and "storage" may decline when read: the rule then recomputes its output.
+            exact_output = output_source is not None and output_source[0] not in ("rectified", "storage")
             needs = spec.needs_given_output if (exact_output and spec.needs_given_output) else spec.needs
             sources = resolver.input_sources(i, needs(nodes[i], relevant))
             bias_source = None
@@ -191,6 +200,31 @@ def _reshaped(value: Tensor, node) -> Tensor:
     return value if value.shape == shape else value.reshape(shape)
 
 
+def output_from_storage(kept: Tensor, node) -> Optional[Tensor]:
+    """``node``'s output 0 (a fresh contiguous tensor) rebuilt from the storage of a view ``kept`` of it.
+
+    ``None`` unless the storage is exactly that output's size and its version counter (shared by a
+    tensor and all its views) says no in-place op ever wrote to it; the caller then recomputes.
+    """
+    meta = node._input_metadata[0]
+    shape = tuple(meta.shape)
+    numel = 1
+    for size in shape:
+        numel *= size
+    if (
+        kept.dtype != meta.dtype
+        or kept.device != meta.device
+        or kept._version != 0
+        or kept.untyped_storage().nbytes() != numel * kept.element_size()
+    ):
+        return None
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return kept.as_strided(shape, tuple(reversed(strides)), 0)
+
+
 def _propagate(step: tuple, nodes: list, relevance: dict, values: dict, root: tuple, settings: RuleSettings,
                dtype: torch.dtype, saved: Optional[SavedTensorStore] = None, last_read: Sequence[int] = ()) -> None:
     """Apply one node's rule and add what it hands each operand to that operand's relevance.
@@ -210,6 +244,9 @@ def _propagate(step: tuple, nodes: list, relevance: dict, values: dict, root: tu
             output = root_output if seed_output_nr == 0 else None
         elif output_source[0] == "value":
             output = values[output_source[1]][0]
+        elif output_source[0] == "storage":
+            _, consumer, slot, consumer_spec = output_source
+            output = output_from_storage(consumer_spec.kept_inputs(nodes[consumer])[slot], node)
         elif output_source[0] == "rectified":
             _, consumer, consumer_spec = output_source
             rectified = _reshaped(consumer_spec.kept_output(nodes[consumer]), node)

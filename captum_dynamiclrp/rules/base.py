@@ -245,6 +245,12 @@ class OpSpec:
         rectifies (bool): The node's kept output is ``max(x, 0)`` of its single
             operand :math:`x` (ReLU). A producer of :math:`x` whose rule uses its own output
             then gets this value as ``ctx.rectified`` when no consumer kept :math:`x` itself.
+        fresh_output (bool): The node's output 0 is a newly allocated contiguous tensor (matrix
+            products). When its rule uses its own output and no consumer kept that output, a
+            consumer that kept a *view* of it (behind split, view, transpose, ...) gives it back
+            whole from the view's storage, provided nothing wrote to that storage (checked when
+            read; otherwise the rule recomputes the output). The rule must not need fewer
+            operands when its output is known (no ``needs_given_output``).
         reshapes (bool): The node's output is its single operand reshaped (same elements in
             the same order: view, reshape, squeeze, unsqueeze). The engine looks through such
             nodes for a consumer that kept an op's output (a linear map on 3-d input is an
@@ -264,6 +270,7 @@ class OpSpec:
     fallback: bool = field(default=False)
     bias_after: Optional["BiasAfterFn"] = None
     rectifies: bool = False
+    fresh_output: bool = False
     reshapes: bool = False
 
 

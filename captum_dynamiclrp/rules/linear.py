@@ -376,6 +376,8 @@ def _spec(op: BilinearOp) -> OpSpec:
         uses_output=True,
         # An op with a bias of its own (addmm, convolution) already has it in its rule.
         bias_after=bias_after if isinstance(op, MatMulOp) and op.bias_slot is None else None,
+        # mm / addmm / bmm / baddbmm / mv allocate their result; a convolution's may be channels-last.
+        fresh_output=isinstance(op, MatMulOp),
     )
 
 
