@@ -19,6 +19,7 @@ from .attribution import (
     warn_if_relevance_not_finite,
     warn_if_training,
 )
+from .engine import SavedTensorStore
 from .errors import DynamicLRPError
 from .modules import owning_module
 from .presets import Preset
@@ -147,11 +148,12 @@ class LayerDynamicLRP(LayerAttribution):
             else self.layer.register_forward_hook(swap_output)
         )
         # One context for the forward and the walk: statistics are restored only after the
-        # engine has read every saved tensor.
-        with forward_context(module):
+        # engine has read every saved tensor. The store lets the walk free saved tensors as it goes.
+        with forward_context(module), SavedTensorStore() as saved:
             try:
                 args = formatted + tuple(extra) if extra is not None else formatted
-                output = check_scores(self.forward_func(*args))
+                with saved.recording():
+                    output = check_scores(self.forward_func(*args))
             finally:
                 handle.remove()
             if not captured:
@@ -161,7 +163,7 @@ class LayerDynamicLRP(LayerAttribution):
             if not float_leaves:
                 raise TypeError("The layer's tensors are not floating point: choose a layer after the embedding.")
             seed, selected = DynamicLRP._seed(output, target)
-            relevances = self._lrp.engine.relevance(output, float_leaves, seed)
+            relevances = self._lrp.engine.relevance(output, float_leaves, seed, saved=saved)
         what = "layer input" if attribute_to_layer_input else "layer output"
         warn_if_relevance_not_finite(relevances, what, "LayerDynamicLRP")
         single = len(leaves) == 1

@@ -95,26 +95,42 @@ def test_store_gives_identical_results_and_empties_every_box():
     assert all(box[0] is None for box in boxes)
 
 
-def test_activations_are_freed_during_the_walk():
-    """When the first layer's rule runs, the deepest activation is gone, as after a backward pass."""
+def deep_activation_alive_when(make_method, layer_index: int) -> dict:
+    """Whether the deepest activation of ``mlp(3)`` is still alive when layer ``layer_index``'s rule runs.
+
+    ``make_method(model, rules)`` builds the attribution method (with ``rules`` overriding the table);
+    the result is also checked against the method without the spy.
+    """
     model = mlp(depth=3)
     seen: dict[str, bool] = {}
     watched: list[weakref.ref] = []
     model[5].register_forward_hook(lambda m, i, o: watched.append(weakref.ref(o)))  # last ReLU's output
-    first_layer = model[0]
+    layer = model[layer_index]
 
     def spy(ctx):
-        if ctx.inputs[2].data_ptr() == first_layer.weight.data_ptr():  # mat2 = W^T of the first layer
+        if ctx.inputs[2].data_ptr() == layer.weight.data_ptr():  # mat2 = W^T of that layer
             gc.collect()
             seen["deep activation alive"] = watched[-1]() is not None
         return RULE_TABLE["AddmmBackward0"].rule(ctx)
 
     overrides = {"AddmmBackward0": dataclasses.replace(RULE_TABLE["AddmmBackward0"], rule=spy)}
     x = torch.randn(5, 16, dtype=DT)
-    lrp = DynamicLRP(model, rules=overrides)
-    result = lrp.attribute(x, target=0)
+    result = make_method(model, overrides).attribute(x, target=0)
+    torch.testing.assert_close(result, make_method(model, None).attribute(x, target=0), rtol=0, atol=0)
+    return seen
+
+
+def test_activations_are_freed_during_the_walk():
+    """When the first layer's rule runs, the deepest activation is gone, as after a backward pass."""
+    assert deep_activation_alive_when(lambda m, rules: DynamicLRP(m, rules=rules), 0) == {"deep activation alive": False}
+
+
+def test_layer_attribution_frees_activations_during_the_walk():
+    """LayerDynamicLRP records its forward in a store too (explaining the first layer's output)."""
+    from captum_dynamiclrp import LayerDynamicLRP
+
+    seen = deep_activation_alive_when(lambda m, rules: LayerDynamicLRP(m, m[1], rules=rules), 2)
     assert seen == {"deep activation alive": False}
-    torch.testing.assert_close(result, DynamicLRP(model).attribute(x, target=0), rtol=0, atol=0)
 
 
 def test_reading_a_released_box_is_an_error():
