@@ -39,7 +39,7 @@ def relevant_rows(relevance: Tensor, max_fraction: Optional[float] = None) -> Op
         return None
     if relevance.device.type != "cpu":  # the count below is a host sync: a stall per layer on an accelerator
         return None
-    carries = relevance.ne(0).any(dim=1)
+    carries = relevance.any(dim=1)  # non-zero or NaN, reduced without a boolean copy of R
     count = int(carries.sum())  # the host sync
     if count > max_fraction * relevance.shape[0]:
         return None
