@@ -22,7 +22,9 @@ rules of its parts, :math:`S = \alpha\,q k^\top + M`, :math:`A = \mathrm{softmax
    masked positions carry no relevance); the scale :math:`\alpha` is a constant;
 4. :math:`q k^\top`: bilinear uniform (all to one factor when the other is a constant).
 
-The causal mask is applied only when the call asked for it (``is_causal``).
+The causal mask is applied only when the call asked for it (``is_causal``). The composition is
+computed a block of query rows at a time with five batched matrix products per block, as many as a
+fused attention backward, and no full (queries x keys) intermediate (:func:`_attention_relevance`).
 """
 
 from __future__ import annotations
