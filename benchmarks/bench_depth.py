@@ -14,6 +14,7 @@ Run: ``python benchmarks/bench_depth.py [--repeats 5] [--json out.json] [--plot 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -74,7 +75,7 @@ def add_marginal(rows: list[dict]) -> None:
     Time per node also carries each call's fixed cost divided by the node count, which makes the
     shallowest stacks look dearer per node; the slope between depths does not.
     """
-    for previous, row in zip(rows, rows[1:]):
+    for previous, row in itertools.pairwise(rows):
         added = row["nodes"] - previous["nodes"]
         for kind in ("first", "cached"):
             row[f"{kind}_us_per_added_node"] = (row[f"{kind}_ms"] - previous[f"{kind}_ms"]) / added * 1e3

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UnrecoverableOperandError
-from .base import MaybeTensor, Node, OpSpec, RuleContext, ratio, saved, signed_dim, stabilize
+from .base import MaybeTensor, Node, OpSpec, RuleContext, ratio, saved, signed_dim
 
 
 def _deep_taylor(x: Tensor, s: Tensor, relevance: Tensor, dim: int) -> Tensor:
