@@ -34,6 +34,10 @@ kernels, some sandboxes), the child skips the warm-up and reports ``ru_maxrss`` 
 ``VmRSS`` before it (``getrusage``); the JSON says which method was used. Resolution is a page; the
 numbers include allocator slack, and small allocations (< 128 KiB) freed before the call may be reused.
 
+On a GPU (``--device cuda``, or ``auto``) the same workloads run there: each timed call is bracketed by
+``torch.cuda.synchronize``, and memory is the CUDA allocator's peak during the call
+(``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``) minus what was allocated before it.
+
 Run ``python benchmarks/bench_engine.py`` (about 4-5 minutes on 2 CPU cores with the defaults);
 ``--json PATH`` also writes every number. The ratios in the table are ours / InputXGradient.
 """
@@ -142,6 +146,21 @@ def _language_model(name: str, batch: int):
     return _next_token_logits(lm), x, config.vocab_size
 
 
+def on_device(model, x, target, device: str):
+    """The workload moved to ``device`` (``"cpu"`` leaves it where it was built)."""
+    if device == "cpu":
+        return model, x, target
+    return model.to(device), x.to(device), target.to(device)
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work, so that wall-clock times cover it (no-op on the CPU)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
 def make_calls(model, x, target) -> dict[str, Callable[[], Any]]:
     """The measured calls; ``cached`` shares one DynamicLRP (warm it before measuring)."""
     from captum.attr import InputXGradient
@@ -198,12 +217,17 @@ def child_time(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    model, x, target = build_workload(spec["model"], spec["batch"], spec["resnet_size"], spec["vgg_size"])
+    device = spec.get("device", "cpu")
+    model, x, target = on_device(
+        *build_workload(spec["model"], spec["batch"], spec["resnet_size"], spec["vgg_size"]), device
+    )
     calls = make_calls(model, x, target)
     _warm_up(model, x)
     with torch.no_grad():
+        synchronize(device)
         t0 = time.perf_counter()
         model(x)
+        synchronize(device)
         forward_nograd = time.perf_counter() - t0
     for method in METHODS:  # one untimed call each (warms the cached plan too)
         calls[method]()
@@ -211,8 +235,10 @@ def child_time(spec: dict) -> dict:
     for _ in range(spec["repeats"]):
         for method in METHODS:
             gc.collect()
+            synchronize(device)
             t0 = time.perf_counter()
             result = calls[method]()
+            synchronize(device)
             times[method].append(time.perf_counter() - t0)
             del result
     return {
@@ -227,9 +253,26 @@ def child_memory(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    model, x, target = build_workload(spec["model"], spec["batch"], spec["resnet_size"], spec["vgg_size"])
+    device = spec.get("device", "cpu")
+    model, x, target = on_device(
+        *build_workload(spec["model"], spec["batch"], spec["resnet_size"], spec["vgg_size"]), device
+    )
     calls = make_calls(model, x, target)
     method = spec["method"]
+    if device.startswith("cuda"):  # the CUDA caching allocator's own peak, not the process's RSS
+        _warm_up(model, x)
+        if method in ("cached", "first"):
+            calls[method]()
+        gc.collect()
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = calls[method]()
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        del result
+        return {"peak_extra_mib": (peak - before) / 2**20, "rss_before_mib": before / 2**20,
+                "method": "torch.cuda.max_memory_allocated during the call minus memory_allocated before it"}
     can_reset = _reset_peak()
     if can_reset:
         _warm_up(model, x)
@@ -312,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resnet-size", type=int, default=224, help="ResNet-18 image side (default 224)")
     parser.add_argument("--vgg-size", type=int, default=128, help="VGG-11 image side (default 128)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default), cuda, cuda:N, or auto (cuda where available, else cpu)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -324,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     rows = []
@@ -335,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                 "threads": args.threads,
                 "resnet_size": args.resnet_size,
                 "vgg_size": args.vgg_size,
+                "device": args.device,
             }
             timing = run_child({**base, "kind": "time", "repeats": args.repeats})
             memory: dict[str, Any] = {}
@@ -369,8 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     print(
         f"\nmedian of {args.repeats} calls; x = ours / InputXGradient; MiB = peak extra resident memory of one "
-        f"call in a fresh process (fwd: the forward with its graph alone); torch {torch.__version__}, "
-        f"{args.threads} threads; total {time.perf_counter() - started:.0f} s"
+        f"call in a fresh process (fwd: the forward with its graph alone); device {args.device}; torch "
+        f"{torch.__version__}, {args.threads} threads; total {time.perf_counter() - started:.0f} s"
     )
     if args.json is not None:
         payload = {
@@ -379,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
                 "python": platform.python_version(),
                 "machine": platform.machine(),
                 "cpu_count": os.cpu_count(),
+                "device": args.device,
                 "threads": args.threads,
                 "repeats": args.repeats,
                 "timing": "median wall-clock (perf_counter), methods interleaved per repeat, after a warm-up",
