@@ -52,14 +52,14 @@ import platform
 import re
 import resource
 import statistics
-import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parents[1]
+import child_process
+
 METHODS = ("ixg", "first", "cached")
 
 
@@ -299,20 +299,9 @@ def child_memory(spec: dict) -> dict:
 
 
 def run_child(spec: dict) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-    if spec["kind"] == "memory":
-        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-        env["MALLOC_TRIM_THRESHOLD_"] = "131072"
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {spec} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    # Memory children: glibc serves every buffer of 128 KiB or more by mmap and returns it on free.
+    malloc = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    return child_process.run_child(__file__, spec, env=malloc if spec["kind"] == "memory" else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,13 +46,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+import child_process
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("zennit", "lxt", "ig")
@@ -275,15 +276,7 @@ def child_lxt(spec: dict) -> dict:
 
 
 def run_child(spec: dict, python: str = sys.executable) -> dict:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-    proc = subprocess.run(
-        [python, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-        env=env, capture_output=True, text=True,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {spec} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return child_process.run_child(__file__, spec, python=python, env={"PYTHONWARNINGS": "ignore"})
 
 
 def make_row(part: str, model: str, batch: int, rules: str, peer: str, shape: list, times: dict) -> dict:
