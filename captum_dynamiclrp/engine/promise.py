@@ -100,14 +100,6 @@ def output_kept_through_reshapes(
     return None
 
 
-# Autograd nodes whose outputs are always views of their single input (never a copy): the
-# storage of anything read behind a chain of them is the storage of the chain's start.
-VIEW_NODES = frozenset({
-    "AliasBackward0", "ExpandBackward0", "PermuteBackward0", "ReshapeAliasBackward0", "SelectBackward0",
-    "SliceBackward0", "SplitBackward0", "SplitWithSizesBackward0", "SqueezeBackward0", "SqueezeBackward1",
-    "SqueezeBackward2", "TBackward0", "TransposeBackward0", "UnbindBackward0", "UnsafeViewBackward0",
-    "UnsqueezeBackward0", "ViewBackward0",
-})
 MAX_VIEWS = 6  # longest chain of views looked through (GPT-2's q: view, split, view, transpose)
 MAX_VIEW_READERS = 16  # readers examined in all, so that the search stays O(1) per node
 
@@ -115,7 +107,7 @@ MAX_VIEW_READERS = 16  # readers examined in all, so that the search stays O(1) 
 def output_viewed_by_consumer(
     graph: AutogradGraph, table: Mapping[str, OpSpec], all_consumers: Sequence[Sequence[tuple[int, int]]], node: int
 ) -> Optional[tuple]:
-    """A consumer that kept a view of ``node``'s output 0, reached through views only: ``(consumer, slot, spec)``.
+    """A consumer that kept a view of ``node``'s output 0, reached through views (``OpSpec.view``) only: ``(consumer, slot, spec)``.
 
     For ops whose output is a fresh contiguous tensor (``OpSpec.fresh_output``) the kept view's
     storage is that whole output; the executor rebuilds it from there (:func:`~.walker.output_from_storage`)
@@ -133,12 +125,12 @@ def output_viewed_by_consumer(
                     return None
                 if output_nr is not None and graph.edges[consumer][slot][1] != output_nr:
                     continue
-                name = graph.types[consumer]
-                spec = table.get(name)
-                if spec is not None and spec.kept_inputs is not None:
-                    if spec.kept_inputs(graph.nodes[consumer])[slot] is not None:
-                        return (consumer, slot, spec)
-                if name in VIEW_NODES:
+                spec = table.get(graph.types[consumer])
+                if spec is None:
+                    continue
+                if spec.kept_inputs is not None and spec.kept_inputs(graph.nodes[consumer])[slot] is not None:
+                    return (consumer, slot, spec)
+                if spec.view:  # its outputs share the storage: look further
                     following.append((consumer, None))
         if not following:
             return None

@@ -251,6 +251,8 @@ class OpSpec:
             whole from the view's storage, provided nothing wrote to that storage (checked when
             read; otherwise the rule recomputes the output). The rule must not need fewer
             operands when its output is known (no ``needs_given_output``).
+        view (bool): The node's outputs are always views of its single operand (never a copy),
+            so they share its storage; ``fresh_output`` looks through such nodes.
         reshapes (bool): The node's output is its single operand reshaped (same elements in
             the same order: view, reshape, squeeze, unsqueeze). The engine looks through such
             nodes for a consumer that kept an op's output (a linear map on 3-d input is an
@@ -271,6 +273,7 @@ class OpSpec:
     bias_after: Optional["BiasAfterFn"] = None
     rectifies: bool = False
     fresh_output: bool = False
+    view: bool = False
     reshapes: bool = False
 
 

@@ -311,6 +311,17 @@ ROUTING.update(
         "AminBackward0": _routing(None, kept_output=lambda n: saved(n, "result")),
     }
 )
+
+# Nodes whose outputs are always views of their single input (never a copy): a matrix product's
+# output is found behind chains of them (OpSpec.view, OpSpec.fresh_output).
+_VIEWS = (
+    "AliasBackward0", "ExpandBackward0", "PermuteBackward0", "ReshapeAliasBackward0", "SelectBackward0",
+    "SliceBackward0", "SplitBackward0", "SplitWithSizesBackward0", "SqueezeBackward0", "SqueezeBackward1",
+    "SqueezeBackward2", "TBackward0", "TransposeBackward0", "UnbindBackward0", "UnsafeViewBackward0",
+    "UnsqueezeBackward0", "ViewBackward0",
+)
+for _name in _VIEWS:
+    ROUTING[_name] = replace(ROUTING[_name], view=True)
 # Elementwise max/min of two tensors: winner takes all, ties halved, conserving at NaN.
 ROUTING.update(
     {
