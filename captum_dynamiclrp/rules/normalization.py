@@ -62,7 +62,10 @@ def _affine(node: Node, inputs: list) -> tuple[Tensor, Tensor]:
 def batch_norm_rule(ctx: RuleContext) -> list[MaybeTensor]:
     r"""Epsilon on the affine map: :math:`R_x = a x \odot R / \mathrm{stab}(a x + c)`."""
     x = ctx.inputs[0]
-    scale, z = _affine(ctx.node, ctx.inputs)
+    if ctx.output is not None:  # a consumer kept z, or a promise rebuilt it (residual branch)
+        scale, z = _channel_view(_scale_shift(ctx.node, ctx.inputs[2])[0], x), ctx.output
+    else:
+        scale, z = _affine(ctx.node, ctx.inputs)
     s = ratio(ctx.out, z, ctx.settings.epsilon)
     del z  # free the recomputed output before the products
     return [s.mul_(x).mul_(scale), None, None]
@@ -84,6 +87,7 @@ def _spec() -> OpSpec:
         needs=lambda node, relevant: (0, 2),
         forward=_forward,
         kept_inputs=lambda node: (saved(node, "input"), saved(node, "weight"), None),
+        uses_output=True,
     )
 
 
@@ -209,6 +213,7 @@ NORMALIZATION: dict[str, OpSpec] = {
         needs=lambda node, relevant: (0, 2),
         forward=_group_norm_forward,
         kept_inputs=lambda node: (saved(node, "input"), saved(node, "weight"), None),
+        uses_output=True,
     ),
     "VarBackward0": _statistic(True, _var),
     "StdBackward0": _statistic(True, lambda n, x: _var(n, x).sqrt(), kept_output=_kept_result),
