@@ -39,11 +39,24 @@ def relevant_rows(relevance: Tensor, max_fraction: Optional[float] = None) -> Op
         return None
     if relevance.device.type != "cpu":  # the count below is a host sync: a stall per layer on an accelerator
         return None
-    carries = relevance.any(dim=1)  # non-zero or NaN, reduced without a boolean copy of R
+    carries = _rows_carrying(relevance)
     count = int(carries.sum())  # the host sync
     if count > max_fraction * relevance.shape[0]:
         return None
     return carries.nonzero().squeeze(1)
+
+
+# Rows are tested this many elements at a time: ``any(dim=1)`` makes a boolean copy of its input,
+# which for a language model's logits (positions x vocabulary) is a quarter of R's size.
+_CHECK_ELEMENTS = 1 << 20
+
+
+def _rows_carrying(relevance: Tensor) -> Tensor:
+    """Per row of a 2-d relevance: whether it holds a non-zero or a NaN."""
+    block = max(1, _CHECK_ELEMENTS // max(1, relevance.shape[1]))
+    if block >= relevance.shape[0]:
+        return relevance.any(dim=1)
+    return torch.cat([part.any(dim=1) for part in relevance.split(block)])
 
 
 def _take(t: MaybeTensor, rows: Tensor, n: int) -> MaybeTensor:
