@@ -151,6 +151,21 @@ def check_scores(output: Any) -> Tensor:
     return output
 
 
+def without_larger_base(output: Tensor) -> Tensor:
+    """``output``, copied if it is a view of a much larger tensor (a language model's ``logits[:, -1]``).
+
+    The view would keep the whole base (every position's logits) alive through the walk, where a
+    gradient pass frees it after the forward, since no autograd node keeps it. The copy adds one
+    routing node (``CloneBackward0``) at the root; it is made only where the base is more than
+    twice the output's size.
+    """
+    if output.grad_fn is None or output._base is None:
+        return output
+    if output.untyped_storage().nbytes() <= 2 * output.numel() * output.element_size():
+        return output
+    return output.clone()
+
+
 class DynamicLRP(Attribution):
     r"""Layer-wise Relevance Propagation on any PyTorch model, at the level of autograd operations.
 
@@ -280,10 +295,12 @@ class DynamicLRP(Attribution):
                 return self.forward_func(*args)
 
             with saved.recording():
-                output = check_scores(run_forward())
+                output = without_larger_base(check_scores(run_forward()))
             seed, selected = self._seed(output, target)
+            handed_over = [seed]
+            del seed  # the walk frees it after the first step
             try:
-                relevances = self.engine.relevance(output, leaves, seed, saved=saved)
+                relevances = self.engine.relevance(output, leaves, handed_over, saved=saved)
             except UnsupportedOperationError as err:
                 if module is not None and err.module_path is None:
                     path = locate_module(module, run_forward, err.node_type)

@@ -18,6 +18,7 @@ from .attribution import (
     forward_context,
     warn_if_relevance_not_finite,
     warn_if_training,
+    without_larger_base,
 )
 from .engine import SavedTensorStore
 from .errors import DynamicLRPError
@@ -153,7 +154,7 @@ class LayerDynamicLRP(LayerAttribution):
             try:
                 args = formatted + tuple(extra) if extra is not None else formatted
                 with saved.recording():
-                    output = check_scores(self.forward_func(*args))
+                    output = without_larger_base(check_scores(self.forward_func(*args)))
             finally:
                 handle.remove()
             if not captured:
@@ -163,7 +164,9 @@ class LayerDynamicLRP(LayerAttribution):
             if not float_leaves:
                 raise TypeError("The layer's tensors are not floating point: choose a layer after the embedding.")
             seed, selected = DynamicLRP._seed(output, target)
-            relevances = self._lrp.engine.relevance(output, float_leaves, seed, saved=saved)
+            handed_over = [seed]
+            del seed  # the walk frees it after the first step
+            relevances = self._lrp.engine.relevance(output, float_leaves, handed_over, saved=saved)
         what = "layer input" if attribute_to_layer_input else "layer output"
         warn_if_relevance_not_finite(relevances, what, "LayerDynamicLRP")
         single = len(leaves) == 1

@@ -133,6 +133,96 @@ def test_layer_attribution_frees_activations_during_the_walk():
     assert seen == {"deep activation alive": False}
 
 
+class LastPosition(nn.Module):
+    """Logits of the last position only, returned as a view of every position's logits."""
+
+    def __init__(self, width: int = 8, vocab: int = 50) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(width, width), nn.Linear(width, vocab)
+
+    def forward(self, x):  # (batch, positions, width) -> (batch, vocab)
+        return self.head(torch.relu(self.body(x)))[:, -1]
+
+
+def alive_at_first_relu(model: nn.Module, x: torch.Tensor, make_method, watch_head: bool) -> dict:
+    """Whether the seed (and, with ``watch_head``, the head's whole output) is alive when the ReLU
+    before the head hands on its relevance, i.e. after the root's rule has run. The result is also
+    checked against the method without the spy."""
+    seeds: list[weakref.ref] = []
+    heads: list[weakref.ref] = []
+    if watch_head:
+        model.head.register_forward_hook(lambda m, i, o: heads.append(weakref.ref(o)))
+    original_seed = DynamicLRP._seed
+    seen: dict[str, bool] = {}
+
+    def watched_seed(output, target):
+        seed, selected = original_seed(output, target)
+        seeds.append(weakref.ref(seed))
+        return seed, selected
+
+    def spy(ctx):
+        gc.collect()
+        seen["seed alive"] = seeds[-1]() is not None
+        if watch_head:
+            seen["head output alive"] = heads[-1]() is not None
+        return RULE_TABLE["ReluBackward0"].rule(ctx)
+
+    overrides = {"ReluBackward0": dataclasses.replace(RULE_TABLE["ReluBackward0"], rule=spy)}
+    reference = make_method(model, None).attribute(x, target=3)
+    DynamicLRP._seed = staticmethod(watched_seed)
+    try:
+        result = make_method(model, overrides).attribute(x, target=3)
+    finally:
+        DynamicLRP._seed = staticmethod(original_seed)
+    torch.testing.assert_close(result, reference, rtol=0, atol=0)
+    return seen
+
+
+@pytest.mark.parametrize("layer", [False, True])
+def test_seed_is_freed_after_the_first_step(layer):
+    """The seed (as large as the output) is handed over to the walk, which drops it after the root."""
+    from captum_dynamiclrp import LayerDynamicLRP
+
+    model = mlp(depth=2)
+    make = (lambda m, rules: LayerDynamicLRP(m, m[0], rules=rules)) if layer else (
+        lambda m, rules: DynamicLRP(m, rules=rules))
+    seen = alive_at_first_relu(model, torch.randn(5, 16, dtype=DT), make, watch_head=False)
+    assert seen == {"seed alive": False}
+
+
+@pytest.mark.parametrize("layer", [False, True])
+def test_view_of_a_larger_output_lets_the_rest_go(layer):
+    """``logits[:, -1]`` would keep every position's logits alive through the walk; a gradient pass frees them."""
+    from captum_dynamiclrp import LayerDynamicLRP
+
+    torch.manual_seed(0)
+    model = LastPosition().to(DT).eval()
+    make = (lambda m, rules: LayerDynamicLRP(m, m.body, rules=rules)) if layer else (
+        lambda m, rules: DynamicLRP(m, rules=rules))
+    x = torch.randn(3, 6, 8, dtype=DT)
+    seen = alive_at_first_relu(model, x, make, watch_head=True)
+    assert seen == {"seed alive": False, "head output alive": False}
+    # the same relevance as the engine on the uncopied view
+    leaf = x.clone().requires_grad_(True)
+    out = model(leaf)
+    seed = torch.zeros_like(out)
+    seed[:, 3] = out.detach()[:, 3]
+    (expected,) = Engine().relevance(out, leaf, seed)
+    torch.testing.assert_close(DynamicLRP(model).attribute(x, target=3), expected, rtol=1e-12, atol=1e-15)
+
+
+def test_seed_handed_over_as_a_list_is_taken():
+    model = mlp(depth=1)
+    leaf = torch.randn(2, 16, dtype=DT, requires_grad=True)
+    out = model(leaf)
+    box = [out.detach().clone()]
+    (r,) = Engine().relevance(out, leaf, box)
+    assert box == []
+    torch.testing.assert_close(r, Engine().relevance(model(leaf), leaf)[0])
+    with pytest.raises(TypeError, match="exactly one tensor"):
+        Engine().relevance(model(leaf), leaf, [])
+
+
 def test_reading_a_released_box_is_an_error():
     store = SavedTensorStore()
     x = torch.randn(3, 4, dtype=DT, requires_grad=True)
@@ -273,7 +363,10 @@ def test_kept_outputs_are_found_behind_reshapes():
 # ------------------------------------------------------------------ row-sparse relevance
 
 
-def test_relevant_rows():
+@pytest.mark.parametrize("check_elements", [1 << 20, 1, 7])
+def test_relevant_rows(check_elements, monkeypatch):
+    # 1 and 7 elements: rows are tested one and two at a time (blocks of R, not a boolean copy of it)
+    monkeypatch.setattr(rows_module, "_CHECK_ELEMENTS", check_elements)
     r = torch.zeros(6, 3, dtype=DT)
     r[4, 1] = 2.0
     assert rows_module.relevant_rows(r).tolist() == [4]

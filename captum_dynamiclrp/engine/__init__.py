@@ -82,7 +82,7 @@ class Engine:
         self,
         output: Tensor,
         inputs: Union[Tensor, Sequence[Tensor]],
-        seed: Optional[Tensor] = None,
+        seed: Union[Tensor, list[Tensor], None] = None,
         saved: Optional[SavedTensorStore] = None,
     ) -> tuple[Tensor, ...]:
         r"""Propagate relevance from ``output`` to ``inputs``.
@@ -93,7 +93,10 @@ class Engine:
                 leaves that require grad, or intermediate tensors of the same graph.
             seed (Tensor, optional): Relevance at the output, of the output's shape.
                 Default: the output itself (explains the sum of all outputs). To explain
-                one logit per row, pass ``one_hot * output``.
+                one logit per row, pass ``one_hot * output``. A one-element list hands the
+                seed over: the engine empties the list, so that the walk holds the only
+                reference and frees the seed after the first step (a caller's reference would
+                keep it, as large as the output, alive through the whole walk).
             saved (SavedTensorStore, optional): The store the forward pass was recorded in
                 (:meth:`SavedTensorStore.recording`); the walk then frees each node's saved
                 tensors after their last use, as a backward pass does. Default: None (the
@@ -120,6 +123,10 @@ class Engine:
                     "call x.requires_grad_() before the forward pass."
                 )
         dtype = accumulation_dtype(output.dtype)
+        if isinstance(seed, list):
+            if len(seed) != 1 or not isinstance(seed[0], Tensor):
+                raise TypeError("a seed handed over as a list must hold exactly one tensor")
+            seed = seed.pop()
         seed = output.detach() if seed is None else seed.detach()
         if seed.shape != output.shape:
             raise ValueError(f"seed shape {tuple(seed.shape)} differs from output shape {tuple(output.shape)}")
@@ -134,9 +141,11 @@ class Engine:
             plan = build_plan(graph, self.table, self.fallback)
             self.cache.put(graph.signature, plan)
         self.last_run = RunInfo(plan=plan, cached=cached)
+        seed_box = [seed]
+        del seed  # execute() takes the seed out of the box: the walk alone holds it
         with torch.no_grad():
             results = execute(
-                plan, graph, seed, output.detach(), output.output_nr, len(requests), self.settings, saved
+                plan, graph, seed_box, output.detach(), output.output_nr, len(requests), self.settings, saved
             )
         return tuple(
             torch.zeros(t.shape, dtype=dtype, device=t.device) if r is None else r

@@ -275,7 +275,7 @@ def _propagate(step: tuple, nodes: list, relevance: dict, values: dict, root: tu
 def execute(
     plan: Plan,
     graph: AutogradGraph,
-    seed: Tensor,
+    seed_box: list[Tensor],
     root_output: Tensor,
     seed_output_nr: int,
     num_requests: int,
@@ -284,7 +284,9 @@ def execute(
 ) -> list[Optional[Tensor]]:
     """Run a plan: recover values, apply rules in traversal order, collect relevance at the sinks.
 
-    ``root_output`` is the (detached) explained tensor, output ``seed_output_nr`` of the root node.
+    ``seed_box`` holds the relevance at the explained output; it is taken out, so that the walk
+    frees it once the root's rule has used it. ``root_output`` is the (detached) explained tensor,
+    output ``seed_output_nr`` of the root node.
     Recovered values are dropped after their last use; with ``saved`` (the store the forward was
     recorded in), so are the nodes' saved tensors, after the last step that reads them.
     """
@@ -294,11 +296,11 @@ def execute(
         unread, saved_after = saved_schedule(plan, len(nodes))
         for j in unread:  # nodes the walk never reads: their saved tensors go now
             saved.release(nodes[j])
-    dtype = seed.dtype
+    dtype = seed_box[0].dtype
     root = (root_output, seed_output_nr)
     values: dict[int, tuple] = {}
     relevance: dict[int, list] = {0: [None] * len(nodes[0]._input_metadata)}
-    relevance[0][seed_output_nr] = seed
+    relevance[0][seed_output_nr] = seed_box.pop()
     results: list[Optional[Tensor]] = [None] * num_requests
     releases = plan.releases
     for index, step in enumerate(plan.steps):
