@@ -3,17 +3,19 @@
 Builds transformer-style residual stacks (layer norm, attention with softmax, gated MLP,
 residual adds: every promise shape) of 4, 8, 16, 32 and 64 blocks with a small width, so that
 the engine's own work (graph building, pruning, ordering, promise resolution, the executor
-loop) dominates the tensor arithmetic. For each depth it reports the median time of a first
-call (plan built) and of a cached call, divided by the number of autograd nodes, and the time
-per node added since the previous depth (the slope, free of each call's fixed cost). Flat
-columns mean O(nodes + edges).
+loop) dominates the tensor arithmetic. For each depth it reports the time of a first call
+(plan built) and of a cached call, the fastest of ``--repeats`` (depths interleaved, garbage
+collector off while timing; the JSON also has medians), divided by the number of autograd nodes,
+and the time per node added since the previous depth (the slope, free of each call's fixed
+cost). Flat columns mean O(nodes + edges).
 
-Run: ``python benchmarks/bench_depth.py [--repeats 5] [--json out.json] [--plot out.png]``
+Run: ``python benchmarks/bench_depth.py [--repeats 25] [--json out.json] [--plot out.png]``
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import statistics
@@ -39,34 +41,55 @@ class Block(nn.Module):
         return h + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
 
 
-def measure(depth: int, width: int, repeats: int) -> dict:
+def build(depth: int, width: int) -> dict:
+    """A stack of ``depth`` blocks, its input, and the number of nodes of its autograd graph."""
     torch.manual_seed(0)
     model = nn.Sequential(*[Block(width) for _ in range(depth)]).eval()
     x = torch.randn(1, 4, width, requires_grad=True)
+    nodes = len(build_graph(model(x).sum(-1).grad_fn, (x,)).nodes)
+    return {"depth": depth, "nodes": nodes, "model": model, "x": x, "engine": Engine(), "first": [], "cached": []}
 
-    def output() -> torch.Tensor:
-        return model(x).sum(-1)
 
-    nodes = len(build_graph(output().grad_fn, (x,)).nodes)
-    first, cached = [], []
+def timed(call) -> float:
+    """Seconds one call takes, with the cyclic garbage collector off (collected before, as ``timeit`` does).
+
+    A collection started by the call's allocations would scan every object alive, including other
+    stacks' graphs, and land on whichever call happened to cross the threshold.
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        call()
+        return time.perf_counter() - start
+    finally:
+        gc.enable()
+
+
+def measure(depths: list[int], width: int, repeats: int) -> list[dict]:
+    """Time first and cached calls of every depth, the depths interleaved within each repeat.
+
+    Interleaving spreads background load over all depths alike. Each depth reports the fastest of
+    its repeats (on a shared machine noise only ever adds time) and the median.
+    """
+    setups = [build(depth, width) for depth in depths]
     for _ in range(repeats):
-        out = output()
-        start = time.perf_counter()
-        engine = Engine()
-        engine.relevance(out, x)
-        first.append(time.perf_counter() - start)
-        out = output()
-        start = time.perf_counter()
-        engine.relevance(out, x)
-        cached.append(time.perf_counter() - start)
-    return {
-        "depth": depth,
-        "nodes": nodes,
-        "first_ms": statistics.median(first) * 1e3,
-        "cached_ms": statistics.median(cached) * 1e3,
-        "first_us_per_node": statistics.median(first) / nodes * 1e6,
-        "cached_us_per_node": statistics.median(cached) / nodes * 1e6,
-    }
+        for setup in setups:
+            model, x = setup["model"], setup["x"]
+            out = model(x).sum(-1)
+            setup["first"].append(timed(lambda: Engine().relevance(out, x)))
+            out = model(x).sum(-1)
+            setup["cached"].append(timed(lambda: setup["engine"].relevance(out, x)))
+    rows = []
+    for setup in setups:
+        row = {"depth": setup["depth"], "nodes": setup["nodes"]}
+        for kind in ("first", "cached"):
+            fastest, median = min(setup[kind]), statistics.median(setup[kind])
+            row[f"{kind}_ms"] = fastest * 1e3
+            row[f"{kind}_median_ms"] = median * 1e3
+            row[f"{kind}_us_per_node"] = fastest / setup["nodes"] * 1e6
+        rows.append(row)
+    return rows
 
 
 def add_marginal(rows: list[dict]) -> None:
@@ -85,12 +108,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     parser.add_argument("--width", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = [measure(d, args.width, args.repeats) for d in args.depths]
+    rows = measure(args.depths, args.width, args.repeats)
     add_marginal(rows)
     print(f"{'depth':>6} {'nodes':>7} {'first us/node':>14} {'cached us/node':>15} {'first us/added':>15} {'cached us/added':>16}")
     for r in rows:

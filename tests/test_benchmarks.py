@@ -38,3 +38,13 @@ def test_depth_slope_removes_a_fixed_cost():
     for row in rows[1:]:
         assert row["first_us_per_added_node"] == pytest.approx(20.0)
         assert row["cached_us_per_added_node"] == pytest.approx(20.0)
+
+
+def test_depth_measure_runs_every_depth_interleaved():
+    rows = bench_depth.measure([1, 2], width=4, repeats=2)
+    assert [r["depth"] for r in rows] == [1, 2]
+    assert rows[1]["nodes"] > rows[0]["nodes"] > 0
+    for row in rows:
+        for kind in ("first", "cached"):
+            assert 0 < row[f"{kind}_ms"] <= row[f"{kind}_median_ms"]
+            assert row[f"{kind}_us_per_node"] == pytest.approx(row[f"{kind}_ms"] * 1e3 / row["nodes"])
