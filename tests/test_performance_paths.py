@@ -21,7 +21,7 @@ from torch import nn
 
 from captum_dynamiclrp import DynamicLRP
 from captum_dynamiclrp.engine import Engine, SavedTensorStore, build_graph
-from captum_dynamiclrp.engine.plan import PROPAGATE
+from captum_dynamiclrp.engine.plan import PROPAGATE, REPLAY
 from captum_dynamiclrp.engine.saved import ReleasedSavedTensorError, saved_schedule
 from captum_dynamiclrp.engine.walker import build_plan
 from captum_dynamiclrp.rules import RULE_TABLE
@@ -329,6 +329,87 @@ def test_rebuilt_value_is_reused_and_gives_the_same_result():
     kinds = [s[6][0] for s in build_plan(graph, RULE_TABLE).steps if s[0] == PROPAGATE and s[6] is not None]
     assert "value" in kinds
     assert torch.equal(run(model, x, t, store=True), run(model, x, t, store=True, kinds=("value",)))
+
+
+class ResidualStream(nn.Module):
+    """Pre-norm residual blocks: ``h + down(relu(up(norm(h))))``, the sum read by the next norm."""
+
+    def __init__(self, width: int = 8, depth: int = 3) -> None:
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(depth + 1))
+        self.ups = nn.ModuleList(nn.Linear(width, 2 * width) for _ in range(depth))
+        self.downs = nn.ModuleList(nn.Linear(2 * width, width) for _ in range(depth))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, h):
+        for norm, up, down in zip(self.norms, self.ups, self.downs):
+            h = h + down(torch.relu(up(norm(h))))
+        return self.head(self.norms[-1](h)).flatten(1)[:, :3]
+
+
+WITHOUT_REBUILD = {
+    name: dataclasses.replace(RULE_TABLE[name], operand_from_output=None) for name in ("AddBackward0", "SubBackward0")
+}
+
+
+@pytest.mark.parametrize("shape", [(5, 8), (2, 3, 8)], ids=["2d", "3d"])
+def test_residual_branch_is_rebuilt_from_the_kept_sum(shape):
+    """``down(...)`` = sum - h (both kept by the norms) instead of a replayed matrix product."""
+    from captum_dynamiclrp.engine.plan import FROM_OUTPUT
+
+    torch.manual_seed(0)
+    model = ResidualStream().to(DT).eval()
+    x = torch.randn(*shape, dtype=DT)
+    leaf = x.clone().requires_grad_(True)
+    graph = build_graph(model(leaf).grad_fn, (leaf,))
+    plan = build_plan(graph, RULE_TABLE)
+    rebuilt = [step for step in plan.steps if step[0] == FROM_OUTPUT]
+    assert len(rebuilt) == 3  # one per block
+    replayed = {graph.types[step[1]] for step in plan.steps if step[0] == REPLAY}
+    assert not replayed & {"AddmmBackward0", "MmBackward0"}, "no matrix product is replayed"
+    # each down projection's rule reads the rebuilt value as its own output
+    for step in rebuilt:
+        producer = step[7][-1]
+        assert graph.types[producer] in ("AddmmBackward0", "MmBackward0")
+        assert ("value", producer) in [s[6] for s in plan.steps if s[0] == PROPAGATE and s[1] == producer]
+    # the same relevance as replaying the branch (up to the rounding of one subtraction)
+    t = torch.tensor([0, 1, 2, 0, 1])[: shape[0]]
+    ours = DynamicLRP(model).attribute(x, target=t)
+    replaying = DynamicLRP(model, rules=WITHOUT_REBUILD).attribute(x, target=t)
+    assert replaying.shape == ours.shape
+    torch.testing.assert_close(ours, replaying, rtol=1e-10, atol=1e-12)
+    assert not torch.equal(ours, torch.zeros_like(ours))
+
+
+def test_operand_of_a_sum_from_its_output():
+    """a + alpha b, a - alpha b: each operand from the output and the other operand."""
+    a, b = torch.randn(4, 3, dtype=DT), torch.randn(4, 3, dtype=DT)
+    for name, alpha, forward in [("AddBackward0", 1, torch.add), ("AddBackward0", 2.5, torch.add),
+                                 ("SubBackward0", 1, torch.sub), ("SubBackward0", -3.0, torch.sub)]:
+        la, lb = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        z = forward(la, lb, alpha=alpha)
+        assert type(z.grad_fn).__name__ == name
+        operand = RULE_TABLE[name].operand_from_output
+        torch.testing.assert_close(operand(z.grad_fn, 0, z.detach(), [None, b]), a)
+        torch.testing.assert_close(operand(z.grad_fn, 1, z.detach(), [a, None]), b)
+
+
+def test_rebuild_declines_for_broadcast_or_untracked_operands():
+    """A broadcast operand (a bias row) or an untracked one cannot be solved for: the branch is replayed."""
+    from captum_dynamiclrp.engine.plan import FROM_OUTPUT
+
+    torch.manual_seed(0)
+    lin, norm = nn.Linear(8, 8).to(DT), nn.LayerNorm(8).to(DT)
+    row = torch.randn(8, dtype=DT, requires_grad=True)
+    cases = {
+        "broadcast": lambda x: norm(torch.relu(x) + (row * 2.0)),  # the dear operand is (8,), the sum (5, 8)
+        "untracked": lambda x: norm(lin(x) + torch.ones(8, dtype=DT)),
+    }
+    for name, fn in cases.items():
+        leaf = torch.randn(5, 8, dtype=DT, requires_grad=True)
+        graph = build_graph(fn(leaf).sum(1).grad_fn, (leaf, row))
+        plan = build_plan(graph, RULE_TABLE)
+        assert not [s for s in plan.steps if s[0] == FROM_OUTPUT], name
 
 
 class Sequence3d(nn.Module):

@@ -138,7 +138,11 @@ class ChainSumModel(nn.Module):
 
 
 class TreeModel(nn.Module):
-    """Nested (dependent) promises: the add's operand is a cat whose first operand is an add."""
+    """Nested (dependent) promises: the add's operand is a cat whose first operand is an add.
+
+    The head reads ``tanh(u)``, which keeps its result, not ``u``: a head reading ``u`` itself would
+    keep it, and the sum would rebuild the cat as ``u - p`` instead (``OpSpec.operand_from_output``).
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -151,7 +155,7 @@ class TreeModel(nn.Module):
         b = torch.tanh(self.lin2(x))
         c = self.lin3(x) * 2.0
         u = torch.cat([a + b, c], dim=-1) + self.p
-        return self.head(u)
+        return self.head(torch.tanh(u))
 
 
 class BasicBlock(nn.Module):

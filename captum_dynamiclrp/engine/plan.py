@@ -31,7 +31,7 @@ from ..rules.base import OpSpec
 # - a consumer kept a view of it, whose storage is the whole output (walker.output_from_storage).
 Source = Tuple[str, int, int]
 
-LEAF, KEPT_OUTPUT, REPLAY, PROPAGATE, CAPTURE, KEPT_BY_CONSUMER = range(6)
+LEAF, KEPT_OUTPUT, REPLAY, PROPAGATE, CAPTURE, KEPT_BY_CONSUMER, FROM_OUTPUT = range(7)
 
 
 @dataclass
@@ -66,6 +66,13 @@ class Plan:
     def add_kept_by_consumer(self, node: int, consumer: int, slot: int, spec: OpSpec) -> None:
         self.steps.append((KEPT_BY_CONSUMER, node, consumer, slot, spec))
 
+    def add_from_output(self, chain: tuple, origin: int, spec: OpSpec, slot: int, output_source: tuple,
+                        sources: tuple) -> None:
+        # The operand in `slot` of `origin` rebuilt from origin's output (kept by a consumer, see
+        # `output_source`) and its other operands (`sources`); `chain`: the operand's producer and the
+        # producers behind it that only reshape, which get the same value reshaped.
+        self.steps.append((FROM_OUTPUT, chain[0], origin, spec, slot, output_source, sources, chain))
+
     def add_replay(self, node: int, spec: OpSpec, sources: tuple) -> None:
         self.steps.append((REPLAY, node, spec, sources))
 
@@ -99,7 +106,11 @@ class Plan:
                         last_use[source[1]] = index
                 if step[0] == PROPAGATE and step[6] is not None and step[6][0] == "value":
                     last_use[step[6][1]] = index  # the node's own rebuilt output, read by its rule
+            elif step[0] == FROM_OUTPUT:
+                for source in step[6]:
+                    last_use[source[1]] = index
         produced = {step[1] for step in self.steps if step[0] in (LEAF, KEPT_OUTPUT, REPLAY, KEPT_BY_CONSUMER)}
+        produced.update(node for step in self.steps if step[0] == FROM_OUTPUT for node in step[7])
         self.releases = {}
         for node, index in last_use.items():
             if node in produced:

@@ -22,7 +22,13 @@ Vocabulary (paper, Sec. 4.2 and Appendix C):
   on a branch later, in traversal order, exactly once. That is the paper's
   Pre-Promise promotion applied uniformly, and it makes the deadlock impossible.
 
-Invariants (asserted in ``tests/test_promises.py``):
+* **Operand from the output** (not in the paper) - where a consumer kept a sum's output and
+  all its operands but one are at hand without a replay, that one is ``z - b``
+  (``OpSpec.operand_from_output``): one subtraction instead of replaying its producer. That is
+  a pre-norm transformer's residual branch (attention or MLP output projection), whose output
+  only the sum reads; the norms keep both the sum and the stream it started from.
+
+Invariants (asserted in ``tests/test_reference_engine.py``):
 
 1. every node's forward is replayed at most once per call (values are memoised),
    so resolution costs O(nodes + edges) in total;
@@ -220,8 +226,13 @@ class PromiseResolver:
             return (None,) * len(self.graph.edges[node])
         return spec.kept_inputs(self.graph.nodes[node])
 
-    def input_sources(self, node: int, slots) -> list[Optional[Source]]:
-        """Where each listed input slot's value comes from; starts promises for missing ones."""
+    def input_sources(self, node: int, slots, output_source: Optional[tuple] = None) -> list[Optional[Source]]:
+        """Where each listed input slot's value comes from; starts promises for missing ones.
+
+        ``output_source``: where the node's own output can be read (see :mod:`.plan`), if known. A
+        ``("consumer", ...)`` source lets an op with ``OpSpec.operand_from_output`` (a sum) rebuild
+        one operand from it and the others, instead of replaying that operand's producer.
+        """
         kept = self._kept_inputs(node)
         sources: list[Optional[Source]] = [None] * len(self.graph.edges[node])
         missing = []
@@ -232,12 +243,75 @@ class PromiseResolver:
             elif child >= 0:
                 sources[slot] = ("edge", child, k)
                 missing.append(child)
+        rebuilt = self._slot_rebuilt_from_output(node, output_source, missing) if missing else None
+        if rebuilt is not None:  # its operands but that one are needed, relevant or not
+            others = [child for slot, (child, _) in enumerate(self.graph.edges[node]) if slot != rebuilt]
+            missing = [child for child in dict.fromkeys(missing + others) if child != self.graph.edges[node][rebuilt][0]]
         if missing:
             promise = Promise(origin=node, kind="strict")
             self.promises.append(promise)
             for child in missing:
                 self._resolve_branch(PromiseBranch(promise, child))
+        if rebuilt is not None:
+            self._emit_from_output(node, rebuilt, output_source)
         return sources
+
+    # -- operands rebuilt from a kept output ----------------------------------------------------
+    def _at_hand(self, node: int) -> bool:
+        """Whether ``node``'s value is recovered without replaying any forward."""
+        if node in self.resolved or self.graph.types[node] == LEAF_TYPE:
+            return True
+        spec = self.table.get(self.graph.types[node])
+        if spec is not None and spec.kept_output is not None and spec.kept_output(self.graph.nodes[node]) is not None:
+            return True
+        return self._kept_by_consumer(node) is not None
+
+    def _slot_rebuilt_from_output(self, node: int, output_source: Optional[tuple], missing: list[int]) -> Optional[int]:
+        """The one operand slot of ``node`` worth rebuilding from its kept output, if any.
+
+        Conditions: the spec can (``operand_from_output``), a consumer kept the output, every
+        operand is tracked and distinct, exactly one missing operand is not at hand (the others
+        are), and it has the output's shape and dtype (a broadcast operand cannot be rebuilt so).
+        O(1) per node.
+        """
+        graph = self.graph
+        spec = self.table.get(graph.types[node])
+        if spec is None or spec.operand_from_output is None or output_source is None or output_source[0] != "consumer":
+            return None
+        edges = graph.edges[node]
+        children = [child for child, _ in edges]
+        if min(children) < 0 or len(set(children)) != len(children):
+            return None
+        dear = [child for child in missing if not self._at_hand(child)]
+        if len(dear) != 1:
+            return None
+        slot = children.index(dear[0])
+        child, k = edges[slot]
+        produced, output = graph.nodes[child]._input_metadata, graph.nodes[node]._input_metadata[0]
+        if k != 0 or len(produced) != 1 or tuple(produced[0].shape) != tuple(output.shape) or produced[0].dtype != output.dtype:
+            return None
+        if not all(self._at_hand(other) for other in children if other != child):
+            return None
+        return slot
+
+    def _emit_from_output(self, node: int, slot: int, output_source: tuple) -> None:
+        """Plan the rebuild of ``node``'s operand ``slot``, handed on through producers that only reshape."""
+        graph = self.graph
+        chain = [graph.edges[node][slot][0]]
+        for _ in range(MAX_RESHAPES):
+            current = chain[-1]
+            spec = self.table.get(graph.types[current])
+            if spec is None or not spec.reshapes or len(graph.edges[current]) != 1:
+                break
+            below, k = graph.edges[current][0]
+            if below < 0 or k != 0 or below in self.resolved or len(graph.nodes[below]._input_metadata) != 1:
+                break
+            chain.append(below)
+        sources = tuple(("edge",) + graph.edges[node][other] for other in range(len(graph.edges[node])) if other != slot)
+        spec = self.table[graph.types[node]]
+        self.plan.add_from_output(tuple(chain), node, spec, slot, output_source, sources)
+        for produced in chain:
+            self._mark(produced)
 
     def _kept_by_consumer(self, node: int) -> Optional[tuple]:
         if len(self.graph.nodes[node]._input_metadata) != 1:

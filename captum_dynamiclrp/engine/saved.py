@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from .plan import CAPTURE, KEPT_BY_CONSUMER, KEPT_OUTPUT, LEAF, PROPAGATE, REPLAY, Plan
+from .plan import CAPTURE, FROM_OUTPUT, KEPT_BY_CONSUMER, KEPT_OUTPUT, LEAF, PROPAGATE, REPLAY, Plan
 
 _sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", None)
 _node_creation_hook = getattr(torch.autograd.graph, "node_creation_hook", None)
@@ -145,7 +145,8 @@ def saved_schedule(plan: Plan, num_nodes: int) -> tuple[list[int], dict[int, lis
 
     Readers of node ``j``'s saved state: its own rule (PROPAGATE, which may call the node), its
     replay (REPLAY), its kept output (KEPT_OUTPUT), and any step reading what ``j`` kept of a
-    neighbour's value (KEPT_BY_CONSUMER from ``j``, a PROPAGATE whose output source is ``j``).
+    neighbour's value (KEPT_BY_CONSUMER from ``j``, a PROPAGATE whose output source is ``j``, a
+    FROM_OUTPUT whose origin's output ``j`` kept).
     """
     cached = plan.saved_schedule
     if cached is not None and cached[0] == num_nodes:
@@ -157,9 +158,11 @@ def saved_schedule(plan: Plan, num_nodes: int) -> tuple[list[int], dict[int, lis
             last[step[1]] = index
         if kind == KEPT_BY_CONSUMER:
             last[step[2]] = index
+        elif kind == FROM_OUTPUT:
+            last[step[5][1]] = index  # the consumer that kept the origin's output
         elif kind == PROPAGATE and step[6] is not None and step[6][0] in ("consumer", "storage", "rectified"):
             last[step[6][1]] = index  # what a consumer kept of this node's output
-        elif kind not in (PROPAGATE, REPLAY, KEPT_OUTPUT, LEAF, CAPTURE):
+        elif kind not in (PROPAGATE, REPLAY, KEPT_OUTPUT, LEAF, CAPTURE, FROM_OUTPUT):
             raise ValueError(f"unknown plan step kind {kind}")
     unread = [j for j in range(num_nodes) if j not in last]
     after_step: dict[int, list[int]] = {}

@@ -27,7 +27,7 @@ from ..errors import DynamicLRPError, UnsupportedOperationError
 from ..rules import RULE_TABLE
 from ..rules.base import FOLDED_BIAS_SUM, OpSpec, RuleContext, RuleSettings
 from .graph import LEAF_TYPE, AutogradGraph, consumer_edges, relevant_nodes
-from .plan import CAPTURE, KEPT_BY_CONSUMER, KEPT_OUTPUT, LEAF, PROPAGATE, REPLAY, Plan
+from .plan import CAPTURE, FROM_OUTPUT, KEPT_BY_CONSUMER, KEPT_OUTPUT, LEAF, PROPAGATE, REPLAY, Plan
 from .promise import (
     PromiseResolver,
     output_kept_through_reshapes,
@@ -97,7 +97,7 @@ def build_plan(graph: AutogradGraph, table: Mapping[str, OpSpec], fallback: Opti
             # "rectified" and "storage" may decline when read: the rule then recomputes its output.
             exact_output = output_source is not None and output_source[0] not in ("rectified", "storage")
             needs = spec.needs_given_output if (exact_output and spec.needs_given_output) else spec.needs
-            sources = resolver.input_sources(i, needs(nodes[i], relevant))
+            sources = resolver.input_sources(i, needs(nodes[i], relevant), output_source)
             bias_source = None
             if i in folds:  # the folded bias is an operand of the sum: recover it from there
                 sum_node, bias_slot = folds[i]
@@ -318,6 +318,15 @@ def execute(
         elif kind == KEPT_BY_CONSUMER:
             _, _, consumer, slot, consumer_spec = step
             values[i] = (consumer_spec.kept_inputs(nodes[consumer])[slot],)
+        elif kind == FROM_OUTPUT:
+            _, _, origin, spec, slot, (_, consumer, kept_slot, consumer_spec), sources, chain = step
+            output = _reshaped(consumer_spec.kept_inputs(nodes[consumer])[kept_slot], nodes[origin])
+            operands: list = [None] * len(nodes[origin].next_functions)
+            for other, value in zip((j for j in range(len(operands)) if j != slot), _fetch(sources, None, spec, values)):
+                operands[other] = value
+            operand = spec.operand_from_output(nodes[origin], slot, output, operands)
+            for node in chain:
+                values[node] = (_reshaped(operand, nodes[node]),)
         elif kind == CAPTURE:
             slots = relevance.get(i)
             results[step[3]] = None if slots is None else slots[step[2]]

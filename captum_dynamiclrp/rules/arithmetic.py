@@ -91,6 +91,21 @@ def _replay_sum(sign: float):
     return forward
 
 
+def _operand_of_sum(sign: float):
+    """``a + sign * alpha * b = z`` solved for the operand in ``slot`` (see ``OpSpec.operand_from_output``)."""
+
+    def operand(node: Node, slot: int, z: Tensor, inputs: list) -> Tensor:
+        alpha = saved(node, "alpha")
+        scale = sign * (1 if alpha is None else alpha)
+        if slot == 0:  # a = z - sign * alpha * b
+            b = inputs[1]
+            return z - b if scale == 1 else z - b * scale
+        difference = z - inputs[0]  # b = (z - a) / (sign * alpha)
+        return difference if scale == 1 else difference.div_(scale)
+
+    return operand
+
+
 def _sum_rule(sign: float):
     def rule(ctx: RuleContext) -> list[MaybeTensor]:
         # The true sum (kept by a consumer, or the explained output) lets an untracked
@@ -330,6 +345,7 @@ ARITHMETIC: dict[str, OpSpec] = {
         forward=_replay_sum(+1.0),
         uses_output=True,
         needs_given_output=needs_relevant_inputs,
+        operand_from_output=_operand_of_sum(+1.0),
     ),
     "SubBackward0": OpSpec(
         family="epsilon (signed contributions)",
@@ -338,6 +354,7 @@ ARITHMETIC: dict[str, OpSpec] = {
         forward=_replay_sum(-1.0),
         uses_output=True,
         needs_given_output=needs_relevant_inputs,
+        operand_from_output=_operand_of_sum(-1.0),
     ),
     # c - alpha * x with a scalar c that autograd did not keep: c absorbs nothing.
     "RsubBackward1": OpSpec(family="epsilon (signed contributions)", rule=lambda ctx: (ctx.out,)),

@@ -253,6 +253,13 @@ class OpSpec:
             operands when its output is known (no ``needs_given_output``).
         view (bool): The node's outputs are always views of its single operand (never a copy),
             so they share its storage; ``fresh_output`` looks through such nodes.
+        operand_from_output (callable, optional): ``operand_from_output(node, slot, output,
+            inputs)`` rebuilds the operand in ``slot`` from the op's output and its other operands
+            (``inputs``, aligned with the slots): a sum's :math:`a = z - b`. Where a consumer kept
+            the output and the other operands are at hand, the resolver uses it instead of
+            replaying the operand's producer (for a residual branch, a whole matrix product).
+            Equal to the forward's value up to the rounding of one subtraction at the scale of
+            :math:`z`.
         reshapes (bool): The node's output is its single operand reshaped (same elements in
             the same order: view, reshape, squeeze, unsqueeze). The engine looks through such
             nodes for a consumer that kept an op's output (a linear map on 3-d input is an
@@ -275,6 +282,7 @@ class OpSpec:
     fresh_output: bool = False
     view: bool = False
     reshapes: bool = False
+    operand_from_output: Optional[Callable[[Node, int, Tensor, list], Tensor]] = None
 
 
 # (graph, consumers, node, relevant) -> (sum node, bias slot) or None; see OpSpec.bias_after.
