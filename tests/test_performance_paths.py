@@ -394,6 +394,17 @@ def test_operand_of_a_sum_from_its_output():
         torch.testing.assert_close(operand(z.grad_fn, 1, z.detach(), [a, None]), b)
 
 
+def test_rebuild_declines_in_16_bit_formats():
+    """z - b in bfloat16 is exact only to z's scale, far coarser than a small branch: replay it there."""
+    from captum_dynamiclrp.engine.plan import FROM_OUTPUT
+
+    for dtype, expected in ((torch.bfloat16, 0), (torch.float16, 0), (torch.float32, 3)):
+        model = ResidualStream().to(dtype).eval()
+        leaf = torch.randn(5, 8, dtype=dtype, requires_grad=True)
+        plan = build_plan(build_graph(model(leaf).grad_fn, (leaf,)), RULE_TABLE)
+        assert len([s for s in plan.steps if s[0] == FROM_OUTPUT]) == expected, dtype
+
+
 def test_rebuild_declines_for_broadcast_or_untracked_operands():
     """A broadcast operand (a bias row) or an untracked one cannot be solved for: the branch is replayed."""
     from captum_dynamiclrp.engine.plan import FROM_OUTPUT

@@ -45,6 +45,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence, Union
 
+import torch
+
 from ..errors import UnrecoverableOperandError, UnsupportedOperationError
 from ..rules.base import OpSpec
 from .graph import LEAF_TYPE, AutogradGraph
@@ -195,6 +197,10 @@ class Promise:
     branches: list[PromiseBranch] = field(default_factory=list)
 
 
+# Dtypes in which an operand is rebuilt as a difference of the output and the other operands.
+_PRECISE_ENOUGH = (torch.float32, torch.float64)
+
+
 class PromiseResolver:
     """Plans the recovery of forward values for one graph.
 
@@ -271,8 +277,10 @@ class PromiseResolver:
 
         Conditions: the spec can (``operand_from_output``), a consumer kept the output, every
         operand is tracked and distinct, exactly one missing operand is not at hand (the others
-        are), and it has the output's shape and dtype (a broadcast operand cannot be rebuilt so).
-        O(1) per node.
+        are), and it has the output's shape and dtype (a broadcast operand cannot be rebuilt so),
+        which is float32 or float64: the difference carries a rounding error at the scale of the
+        output, and in 16-bit formats that is too coarse for a branch much smaller than the
+        stream it was added to (a replay's error is at the branch's own scale). O(1) per node.
         """
         graph = self.graph
         spec = self.table.get(graph.types[node])
@@ -288,7 +296,9 @@ class PromiseResolver:
         slot = children.index(dear[0])
         child, k = edges[slot]
         produced, output = graph.nodes[child]._input_metadata, graph.nodes[node]._input_metadata[0]
-        if k != 0 or len(produced) != 1 or tuple(produced[0].shape) != tuple(output.shape) or produced[0].dtype != output.dtype:
+        if k != 0 or len(produced) != 1 or tuple(produced[0].shape) != tuple(output.shape):
+            return None
+        if produced[0].dtype != output.dtype or output.dtype not in _PRECISE_ENOUGH:
             return None
         if not all(self._at_hand(other) for other in children if other != child):
             return None
