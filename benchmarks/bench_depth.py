@@ -133,14 +133,23 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot([r["nodes"] for r in rows], [r["first_us_per_node"] for r in rows], "o-", label="first call")
-        ax.plot([r["nodes"] for r in rows], [r["cached_us_per_node"] for r in rows], "s-", label="cached plan")
+        fig, ax = plt.subplots(figsize=(5.5, 3.4))
+        nodes = [r["nodes"] for r in rows]
+        for kind, marker, color in (("first", "o", "tab:blue"), ("cached", "s", "tab:orange")):
+            label = "first call" if kind == "first" else "cached plan"
+            ax.plot(nodes, [r[f"{kind}_us_per_node"] for r in rows], marker + "-", color=color,
+                    label=f"{label}: per node")
+            sloped = [r for r in rows if f"{kind}_us_per_added_node" in r]
+            ax.plot([r["nodes"] for r in sloped], [r[f"{kind}_us_per_added_node"] for r in sloped], marker + "--",
+                    color=color, alpha=0.6, label=f"{label}: per added node")
         ax.set_xscale("log")
-        ax.set_xlabel("autograd nodes (depth 4 to 64)")
-        ax.set_ylabel("time per node (us)")
+        ax.set_xticks(nodes)
+        ax.set_xticklabels([f"{n}\n({r['depth']})" for n, r in zip(nodes, rows)])
+        ax.minorticks_off()
+        ax.set_xlabel("autograd nodes (blocks)")
+        ax.set_ylabel("time (us)")
         ax.set_ylim(bottom=0)
-        ax.legend()
+        ax.legend(fontsize=8, loc="lower left")
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
         print(f"plot written to {args.plot}")
