@@ -104,14 +104,14 @@ def add_marginal(rows: list[dict]) -> None:
             row[f"{kind}_us_per_added_node"] = (row[f"{kind}_ms"] - previous[f"{kind}_ms"]) / added * 1e3
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = measure(args.depths, args.width, args.repeats)
     add_marginal(rows)

@@ -48,3 +48,12 @@ def test_depth_measure_runs_every_depth_interleaved():
         for kind in ("first", "cached"):
             assert 0 < row[f"{kind}_ms"] <= row[f"{kind}_median_ms"]
             assert row[f"{kind}_us_per_node"] == pytest.approx(row[f"{kind}_ms"] * 1e3 / row["nodes"])
+
+
+def test_depth_main_writes_json_and_plot(tmp_path, capsys):
+    bench_depth.main(["--depths", "1", "2", "--width", "4", "--repeats", "1",
+                      "--json", str(tmp_path / "d.json"), "--plot", str(tmp_path / "d.png")])
+    assert "cached_us_per_added_node: max/min" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "d.json").read_text())
+    assert [r["depth"] for r in rows] == [1, 2] and "first_us_per_added_node" in rows[1]
+    assert (tmp_path / "d.png").stat().st_size > 0
