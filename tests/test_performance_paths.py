@@ -497,9 +497,10 @@ class SplitAttention(nn.Module):
     ``touch_key`` scales k in place after the split, which writes to the projection's storage.
     """
 
-    def __init__(self, width: int = 8, heads: int = 2, touch_key: bool = False) -> None:
+    def __init__(self, width: int = 8, heads: int = 2, touch_key: bool = False, contiguous: bool = False,
+                 squash_value: bool = False) -> None:
         super().__init__()
-        self.heads, self.touch_key = heads, touch_key
+        self.heads, self.touch_key, self.contiguous, self.squash_value = heads, touch_key, contiguous, squash_value
         self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, 3)
 
     def forward(self, x):
@@ -511,6 +512,10 @@ class SplitAttention(nn.Module):
         else:
             q, k, v = self.qkv(x).split(width, dim=-1)
         q, k, v = (t.view(batch, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        if self.contiguous:  # copies, as transformers 4.x's SDPA path makes them
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if self.squash_value:  # tanh keeps its result, not v: v is nowhere kept
+            v = torch.tanh(v)
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out(o.transpose(1, 2).reshape(batch, length, width)[:, -1])
 
@@ -536,6 +541,40 @@ def test_output_behind_views_is_read_from_their_storage(touch_key):
     for store in (True, False):
         torch.testing.assert_close(run(model, x, t, store=store), run(model, x, t, store=store, kinds=("storage",)),
                                    rtol=1e-12, atol=1e-14)
+
+
+def test_output_behind_copies_is_rebuilt_by_routing():
+    """q, k, v made contiguous (copies) after split and transpose: the projection's output is rebuilt
+    from the three copies by calling the routing nodes (transpose, view, split) on them."""
+    from captum_dynamiclrp.engine.walker import _rebuilt
+    from captum_dynamiclrp.engine.promise import output_rebuilt_by_routing
+    from captum_dynamiclrp.engine.graph import consumer_edges
+
+    torch.manual_seed(0)
+    model = SplitAttention(contiguous=True).to(DT).eval()
+    x, t = torch.randn(3, 5, 8, dtype=DT), torch.tensor([0, 1, 2])
+    assert ("AddmmBackward0", "routed") in _output_kinds(model, x)
+    # the rebuilt value has the forward's bits
+    outputs = []
+    model.qkv.register_forward_hook(lambda m, i, o: outputs.append(o))
+    leaf = x.clone().requires_grad_(True)
+    graph = build_graph(model(leaf).grad_fn, (leaf,))
+    projection = graph.types.index("AddmmBackward0", graph.types.index("SplitBackward0"))
+    recipe = output_rebuilt_by_routing(graph, RULE_TABLE, consumer_edges(graph), projection)
+    assert recipe[0] == "invert" and graph.types[recipe[1]] in ("ViewBackward0", "UnsafeViewBackward0")
+    with torch.no_grad():
+        rebuilt = _rebuilt(recipe, graph.nodes)
+    assert torch.equal(rebuilt, outputs[-1].detach().reshape(rebuilt.shape))
+    for store in (True, False):
+        torch.testing.assert_close(run(model, x, t, store=store), run(model, x, t, store=store, kinds=("routed",)),
+                                   rtol=1e-12, atol=1e-14)
+
+
+def test_rebuild_by_routing_needs_every_part():
+    """v goes through tanh, which keeps its result: the split cannot be inverted, the output is recomputed."""
+    model = SplitAttention(contiguous=True, squash_value=True).to(DT).eval()
+    kinds = [kind for name, kind in _output_kinds(model, torch.randn(2, 5, 8, dtype=DT)) if name == "AddmmBackward0"]
+    assert kinds == ["root", None]  # the head explains the output; the projection recomputes its own
 
 
 def test_output_from_storage_rebuilds_exactly_or_declines():

@@ -28,7 +28,9 @@ from ..rules.base import OpSpec
 # kept it as its operand; ("root",) - it is the explained output itself; ("value", node) - a
 # promise rebuilt it earlier in the plan; ("rectified", consumer, spec) - not the output but
 # max(output, 0), kept by a ReLU consumer (RuleContext.rectified); ("storage", consumer, slot, spec)
-# - a consumer kept a view of it, whose storage is the whole output (walker.output_from_storage).
+# - a consumer kept a view of it, whose storage is the whole output (walker.output_from_storage);
+# ("routed", recipe) - rebuilt from copies consumers kept behind bijective routing nodes
+# (promise.output_rebuilt_by_routing).
 Source = Tuple[str, int, int]
 
 LEAF, KEPT_OUTPUT, REPLAY, PROPAGATE, CAPTURE, KEPT_BY_CONSUMER, FROM_OUTPUT = range(7)

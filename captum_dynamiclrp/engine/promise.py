@@ -146,6 +146,58 @@ def output_viewed_by_consumer(
     return None
 
 
+def output_rebuilt_by_routing(
+    graph: AutogradGraph, table: Mapping[str, OpSpec], all_consumers: Sequence[Sequence[tuple[int, int]]], node: int
+) -> Optional[tuple]:
+    """How to rebuild ``node``'s output 0 from values consumers kept behind bijective routing nodes.
+
+    Returns a recipe, ``("kept", consumer, slot, spec)`` (a consumer kept the value) or
+    ``("invert", routing_node, parts)`` (the value is the operand of a ``OpSpec.bijective`` node,
+    rebuilt by calling that node on its outputs, one recipe per output in ``parts``), or ``None``.
+    Every output of a split must be found. Looks at most ``MAX_VIEWS`` nodes deep and at
+    ``MAX_VIEW_READERS`` readers in all: O(1) per node. Exact: the rebuilt value has the forward's
+    bits (clones and cats copy, the rest are views). That is q, k and v projected together, split,
+    transposed and made contiguous for attention, which keeps the copies.
+    """
+    return _routing_recipe(graph, table, all_consumers, node, 0, 0, [MAX_VIEW_READERS])
+
+
+def _routing_recipe(graph: AutogradGraph, table: Mapping[str, OpSpec], all_consumers: Sequence[Sequence[tuple[int, int]]],
+                    node: int, output_nr: int, depth: int, budget: list[int]) -> Optional[tuple]:
+    # A module-level function, not a closure: a recursive closure is a reference cycle that would
+    # keep the graph (and so the forward's tensors) alive until the cyclic collector runs.
+    readers = [(c, slot) for c, slot in all_consumers[node] if graph.edges[c][slot][1] == output_nr]
+    budget[0] -= len(readers)
+    if budget[0] < 0:
+        return None
+    for consumer, slot in readers:
+        spec = table.get(graph.types[consumer])
+        if spec is not None and spec.kept_inputs is not None and spec.kept_inputs(graph.nodes[consumer])[slot] is not None:
+            return ("kept", consumer, slot, spec)
+    if depth == MAX_VIEWS:
+        return None
+    for consumer, _ in readers:
+        spec = table.get(graph.types[consumer])
+        if spec is None or not spec.bijective or len(graph.edges[consumer]) != 1:
+            continue
+        parts = []
+        for k in range(len(graph.nodes[consumer]._input_metadata)):
+            part = _routing_recipe(graph, table, all_consumers, consumer, k, depth + 1, budget)
+            if part is None:
+                break
+            parts.append(part)
+        else:
+            return ("invert", consumer, tuple(parts))
+    return None
+
+
+def recipe_nodes(recipe: tuple) -> list[int]:
+    """The nodes whose saved state a recipe of :func:`output_rebuilt_by_routing` reads."""
+    if recipe[0] == "kept":
+        return [recipe[1]]
+    return [recipe[1]] + [node for part in recipe[2] for node in recipe_nodes(part)]
+
+
 def output_rectified_by_consumer(
     graph: AutogradGraph, table: Mapping[str, OpSpec], all_consumers: Sequence[Sequence[tuple[int, int]]], node: int
 ) -> Optional[tuple]:

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .plan import CAPTURE, FROM_OUTPUT, KEPT_BY_CONSUMER, KEPT_OUTPUT, LEAF, PROPAGATE, REPLAY, Plan
+from .promise import recipe_nodes
 
 _sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", None)
 _node_creation_hook = getattr(torch.autograd.graph, "node_creation_hook", None)
@@ -162,6 +163,9 @@ def saved_schedule(plan: Plan, num_nodes: int) -> tuple[list[int], dict[int, lis
             last[step[5][1]] = index  # the consumer that kept the origin's output
         elif kind == PROPAGATE and step[6] is not None and step[6][0] in ("consumer", "storage", "rectified"):
             last[step[6][1]] = index  # what a consumer kept of this node's output
+        elif kind == PROPAGATE and step[6] is not None and step[6][0] == "routed":
+            for node in recipe_nodes(step[6][1]):  # copies of its parts, and the nodes that invert them
+                last[node] = index
         elif kind not in (PROPAGATE, REPLAY, KEPT_OUTPUT, LEAF, CAPTURE, FROM_OUTPUT):
             raise ValueError(f"unknown plan step kind {kind}")
     unread = [j for j in range(num_nodes) if j not in last]

@@ -25,12 +25,13 @@ from torch import Tensor
 
 from ..errors import DynamicLRPError, UnsupportedOperationError
 from ..rules import RULE_TABLE
-from ..rules.base import FOLDED_BIAS_SUM, OpSpec, RuleContext, RuleSettings
+from ..rules.base import FOLDED_BIAS_SUM, OpSpec, RuleContext, RuleSettings, node_vjp
 from .graph import LEAF_TYPE, AutogradGraph, consumer_edges, relevant_nodes
 from .plan import CAPTURE, FROM_OUTPUT, KEPT_BY_CONSUMER, KEPT_OUTPUT, LEAF, PROPAGATE, REPLAY, Plan
 from .promise import (
     PromiseResolver,
     output_kept_through_reshapes,
+    output_rebuilt_by_routing,
     output_rectified_by_consumer,
     output_viewed_by_consumer,
 )
@@ -91,6 +92,9 @@ def build_plan(graph: AutogradGraph, table: Mapping[str, OpSpec], fallback: Opti
                 if output_source is None and spec.fresh_output and spec.needs_given_output is None:
                     viewed = output_viewed_by_consumer(graph, table, consumers, i)  # q/k/v into attention
                     output_source = ("storage",) + viewed if viewed else None
+                if output_source is None:  # copies of its parts kept behind splits and transposes
+                    routed = output_rebuilt_by_routing(graph, table, consumers, i)
+                    output_source = ("routed", routed) if routed else None
                 if output_source is None:  # max(output, 0) from a ReLU: exact where relevance allows
                     rectified = output_rectified_by_consumer(graph, table, consumers, i)
                     output_source = ("rectified",) + rectified if rectified else None
@@ -200,6 +204,15 @@ def _reshaped(value: Tensor, node) -> Tensor:
     return value if value.shape == shape else value.reshape(shape)
 
 
+def _rebuilt(recipe: tuple, nodes: list) -> Tensor:
+    """The value a recipe of :func:`~.promise.output_rebuilt_by_routing` describes."""
+    if recipe[0] == "kept":
+        _, consumer, slot, spec = recipe
+        return spec.kept_inputs(nodes[consumer])[slot]
+    _, routing_node, parts = recipe
+    return node_vjp(nodes[routing_node], [_rebuilt(part, nodes) for part in parts])[0]
+
+
 def output_from_storage(kept: Tensor, node) -> Optional[Tensor]:
     """``node``'s output 0 (a fresh contiguous tensor) rebuilt from the storage of a view ``kept`` of it.
 
@@ -247,6 +260,8 @@ def _propagate(step: tuple, nodes: list, relevance: dict, values: dict, root: tu
         elif output_source[0] == "storage":
             _, consumer, slot, consumer_spec = output_source
             output = output_from_storage(consumer_spec.kept_inputs(nodes[consumer])[slot], node)
+        elif output_source[0] == "routed":
+            output = _rebuilt(output_source[1], nodes)
         elif output_source[0] == "rectified":
             _, consumer, consumer_spec = output_source
             rectified = _reshaped(consumer_spec.kept_output(nodes[consumer]), node)

@@ -251,6 +251,11 @@ class OpSpec:
             whole from the view's storage, provided nothing wrote to that storage (checked when
             read; otherwise the rule recomputes the output). The rule must not need fewer
             operands when its output is known (no ``needs_given_output``).
+        bijective (bool): The node's outputs together hold every element of its single operand
+            exactly once (reshapes, permutations, clones, splits): its vector-Jacobian product
+            applied to all of its outputs gives back the operand. The engine rebuilds an op's
+            output from values consumers kept behind such nodes (q, k and v made contiguous
+            after a split and a transpose).
         view (bool): The node's outputs are always views of its single operand (never a copy),
             so they share its storage; ``fresh_output`` looks through such nodes.
         operand_from_output (callable, optional): ``operand_from_output(node, slot, output,
@@ -281,6 +286,7 @@ class OpSpec:
     rectifies: bool = False
     fresh_output: bool = False
     view: bool = False
+    bijective: bool = False
     reshapes: bool = False
     operand_from_output: Optional[Callable[[Node, int, Tensor, list], Tensor]] = None
 

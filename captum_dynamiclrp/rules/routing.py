@@ -322,6 +322,14 @@ _VIEWS = (
 )
 for _name in _VIEWS:
     ROUTING[_name] = replace(ROUTING[_name], view=True)
+# Nodes whose outputs hold each element of their operand exactly once (OpSpec.bijective): their
+# vector-Jacobian product is their inverse, so an operand is rebuilt from all of their outputs.
+_BIJECTIVE = _SHAPE_ONLY + (
+    "AliasBackward0", "CloneBackward0", "FlipBackward0", "PermuteBackward0", "RollBackward0",
+    "SplitBackward0", "SplitWithSizesBackward0", "TBackward0", "TransposeBackward0", "UnbindBackward0",
+)
+for _name in _BIJECTIVE:
+    ROUTING[_name] = replace(ROUTING[_name], bijective=True)
 # Elementwise max/min of two tensors: winner takes all, ties halved, conserving at NaN.
 ROUTING.update(
     {
