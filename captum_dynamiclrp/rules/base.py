@@ -87,8 +87,9 @@ def ratio_given_rectified(relevance: Tensor, rectified: MaybeTensor, eps: float)
 
 
 # The check above runs over blocks of this many elements, so that its boolean temporaries stay
-# small next to the rule's own buffers (they would add half a float buffer at the rule's peak).
-_CHECK_BLOCK = 1 << 16
+# small next to the rule's own buffers (they would add half a float buffer at the rule's peak):
+# two of 1 MiB; smaller blocks cost more in per-op overhead (2^16: 19% slower on 8.4M elements).
+_CHECK_BLOCK = 1 << 20
 
 
 def _vanishes_where_zero(relevance: Tensor, rectified: Tensor) -> bool:
