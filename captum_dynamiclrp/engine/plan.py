@@ -1,8 +1,9 @@
 """Cached promise paths: the compiled plan of one graph structure, and its bounded cache.
 
 A :class:`Plan` is a flat list of steps in traversal order: read a leaf, read a
-kept output, replay a forward (the resolved Promise Branches), apply a rule,
-capture a requested tensor's relevance. It refers to nodes by their index in the
+kept output (or a value a consumer kept), replay a forward (the resolved Promise
+Branches), rebuild a sum's operand from its kept output, apply a rule, capture a
+requested tensor's relevance. It refers to nodes by their index in the
 auxiliary graph, never to nodes or tensors, so a cached plan holds no memory of
 the call that made it. A later call whose graph has the same signature (node
 types, edges, output shapes, requested tensors) runs the steps directly: no
