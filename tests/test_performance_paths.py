@@ -570,6 +570,50 @@ def test_output_behind_copies_is_rebuilt_by_routing():
                                    rtol=1e-12, atol=1e-14)
 
 
+class RepeatedValues(nn.Module):
+    """Grouped-query attention with keys and values repeated per head, as transformers 4.x's repeat_kv."""
+
+    def __init__(self, width: int = 8, heads: int = 4, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.dim = heads, kv_heads, width // heads
+        self.q, self.k = nn.Linear(width, width), nn.Linear(width, kv_heads * self.dim)
+        self.v = nn.Linear(width, kv_heads * self.dim, bias=False)
+        self.out = nn.Linear(width, 3)
+
+    def repeat(self, t):
+        batch, _, length, dim = t.shape
+        rep = self.heads // self.kv_heads
+        return t[:, :, None].expand(batch, self.kv_heads, rep, length, dim).reshape(batch, self.heads, length, dim)
+
+    def forward(self, x):
+        batch, length, width = x.shape
+        q = self.q(x).view(batch, length, self.heads, self.dim).transpose(1, 2)
+        k, v = (proj(x).view(batch, length, self.kv_heads, self.dim).transpose(1, 2) for proj in (self.k, self.v))
+        o = torch.nn.functional.scaled_dot_product_attention(q, self.repeat(torch.tanh(k)), self.repeat(v))
+        return self.out(o.transpose(1, 2).reshape(batch, length, width)[:, -1])
+
+
+def test_repeated_values_are_rebuilt_from_their_first_copy():
+    """v projected, viewed, transposed, unsqueezed, expanded and copied per head: the projection's
+    output is the first copy of the kept value, put back through those nodes (7 deep)."""
+    torch.manual_seed(0)
+    model = RepeatedValues().to(DT).eval()
+    x, t = torch.randn(2, 5, 8, dtype=DT), torch.tensor([0, 2])
+    assert ("MmBackward0", "routed") in _output_kinds(model, x)  # v has no bias: an mm
+    for store in (True, False):
+        torch.testing.assert_close(run(model, x, t, store=store), run(model, x, t, store=store, kinds=("routed",)),
+                                   rtol=1e-12, atol=1e-14)
+
+
+def test_expand_inverse_is_the_first_copy():
+    from captum_dynamiclrp.rules.routing import ROUTING
+
+    x = torch.randn(2, 1, 3, dtype=DT, requires_grad=True)
+    y = x.expand(4, 2, 5, 3)
+    rebuilt = ROUTING["ExpandBackward0"].inverse(y.grad_fn, [y.detach()])
+    assert rebuilt.shape == x.shape and torch.equal(rebuilt, x.detach())
+
+
 def test_rebuild_by_routing_needs_every_part():
     """v goes through tanh, which keeps its result: the split cannot be inverted, the output is recomputed."""
     model = SplitAttention(contiguous=True, squash_value=True).to(DT).eval()

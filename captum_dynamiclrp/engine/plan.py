@@ -30,7 +30,7 @@ from ..rules.base import OpSpec
 # promise rebuilt it earlier in the plan; ("rectified", consumer, spec) - not the output but
 # max(output, 0), kept by a ReLU consumer (RuleContext.rectified); ("storage", consumer, slot, spec)
 # - a consumer kept a view of it, whose storage is the whole output (walker.output_from_storage);
-# ("routed", recipe) - rebuilt from copies consumers kept behind bijective routing nodes
+# ("routed", recipe) - rebuilt from copies consumers kept behind routing nodes with an inverse
 # (promise.output_rebuilt_by_routing).
 Source = Tuple[str, int, int]
 

@@ -110,6 +110,7 @@ def output_kept_through_reshapes(
 
 MAX_VIEWS = 6  # longest chain of views looked through (GPT-2's q: view, split, view, transpose)
 MAX_VIEW_READERS = 16  # readers examined in all, so that the search stays O(1) per node
+MAX_ROUTING = 8  # routing nodes inverted on one path (a repeated GQA value: 7)
 
 
 def output_viewed_by_consumer(
@@ -149,15 +150,16 @@ def output_viewed_by_consumer(
 def output_rebuilt_by_routing(
     graph: AutogradGraph, table: Mapping[str, OpSpec], all_consumers: Sequence[Sequence[tuple[int, int]]], node: int
 ) -> Optional[tuple]:
-    """How to rebuild ``node``'s output 0 from values consumers kept behind bijective routing nodes.
+    """How to rebuild ``node``'s output 0 from values consumers kept behind invertible routing nodes.
 
     Returns a recipe, ``("kept", consumer, slot, spec)`` (a consumer kept the value) or
-    ``("invert", routing_node, parts)`` (the value is the operand of a ``OpSpec.bijective`` node,
-    rebuilt by calling that node on its outputs, one recipe per output in ``parts``), or ``None``.
-    Every output of a split must be found. Looks at most ``MAX_VIEWS`` nodes deep and at
+    ``("invert", routing_node, spec, parts)`` (the value is the operand of a node with an
+    ``OpSpec.inverse``, rebuilt from its outputs, one recipe per output in ``parts``), or ``None``.
+    Every output of a split must be found. Looks at most ``MAX_ROUTING`` nodes deep and at
     ``MAX_VIEW_READERS`` readers in all: O(1) per node. Exact: the rebuilt value has the forward's
     bits (clones and cats copy, the rest are views). That is q, k and v projected together, split,
-    transposed and made contiguous for attention, which keeps the copies.
+    transposed and made contiguous for attention, which keeps the copies, and grouped-query keys
+    and values repeated per head (view, transpose, unsqueeze, expand, copy, view).
     """
     return _routing_recipe(graph, table, all_consumers, node, 0, 0, [MAX_VIEW_READERS])
 
@@ -174,11 +176,11 @@ def _routing_recipe(graph: AutogradGraph, table: Mapping[str, OpSpec], all_consu
         spec = table.get(graph.types[consumer])
         if spec is not None and spec.kept_inputs is not None and spec.kept_inputs(graph.nodes[consumer])[slot] is not None:
             return ("kept", consumer, slot, spec)
-    if depth == MAX_VIEWS:
+    if depth == MAX_ROUTING:
         return None
     for consumer, _ in readers:
         spec = table.get(graph.types[consumer])
-        if spec is None or not spec.bijective or len(graph.edges[consumer]) != 1:
+        if spec is None or spec.inverse is None or len(graph.edges[consumer]) != 1:
             continue
         parts = []
         for k in range(len(graph.nodes[consumer]._input_metadata)):
@@ -187,7 +189,7 @@ def _routing_recipe(graph: AutogradGraph, table: Mapping[str, OpSpec], all_consu
                 break
             parts.append(part)
         else:
-            return ("invert", consumer, tuple(parts))
+            return ("invert", consumer, spec, tuple(parts))
     return None
 
 
@@ -195,7 +197,7 @@ def recipe_nodes(recipe: tuple) -> list[int]:
     """The nodes whose saved state a recipe of :func:`output_rebuilt_by_routing` reads."""
     if recipe[0] == "kept":
         return [recipe[1]]
-    return [recipe[1]] + [node for part in recipe[2] for node in recipe_nodes(part)]
+    return [recipe[1]] + [node for part in recipe[3] for node in recipe_nodes(part)]
 
 
 def output_rectified_by_consumer(

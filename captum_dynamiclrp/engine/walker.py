@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..errors import DynamicLRPError, UnsupportedOperationError
 from ..rules import RULE_TABLE
-from ..rules.base import FOLDED_BIAS_SUM, OpSpec, RuleContext, RuleSettings, node_vjp
+from ..rules.base import FOLDED_BIAS_SUM, OpSpec, RuleContext, RuleSettings
 from .graph import LEAF_TYPE, AutogradGraph, consumer_edges, relevant_nodes
 from .plan import CAPTURE, FROM_OUTPUT, KEPT_BY_CONSUMER, KEPT_OUTPUT, LEAF, PROPAGATE, REPLAY, Plan
 from .promise import (
@@ -209,8 +209,8 @@ def _rebuilt(recipe: tuple, nodes: list) -> Tensor:
     if recipe[0] == "kept":
         _, consumer, slot, spec = recipe
         return spec.kept_inputs(nodes[consumer])[slot]
-    _, routing_node, parts = recipe
-    return node_vjp(nodes[routing_node], [_rebuilt(part, nodes) for part in parts])[0]
+    _, routing_node, spec, parts = recipe
+    return spec.inverse(nodes[routing_node], [_rebuilt(part, nodes) for part in parts])
 
 
 def output_from_storage(kept: Tensor, node) -> Optional[Tensor]:

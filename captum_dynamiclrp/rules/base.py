@@ -252,11 +252,12 @@ class OpSpec:
             whole from the view's storage, provided nothing wrote to that storage (checked when
             read; otherwise the rule recomputes the output). The rule must not need fewer
             operands when its output is known (no ``needs_given_output``).
-        bijective (bool): The node's outputs together hold every element of its single operand
-            exactly once (reshapes, permutations, clones, splits): its vector-Jacobian product
-            applied to all of its outputs gives back the operand. The engine rebuilds an op's
+        inverse (callable, optional): ``inverse(node, outputs)`` gives back the node's single
+            operand from the values of all of its outputs, for routing ops whose forward drops no
+            element of it: reshapes, permutations, clones and splits (their own vector-Jacobian
+            product, then their inverse) and expand (its first copy). The engine rebuilds an op's
             output from values consumers kept behind such nodes (q, k and v made contiguous
-            after a split and a transpose).
+            after a split and a transpose; grouped-query keys and values repeated per head).
         view (bool): The node's outputs are always views of its single operand (never a copy),
             so they share its storage; ``fresh_output`` looks through such nodes.
         operand_from_output (callable, optional): ``operand_from_output(node, slot, output,
@@ -287,7 +288,7 @@ class OpSpec:
     rectifies: bool = False
     fresh_output: bool = False
     view: bool = False
-    bijective: bool = False
+    inverse: Optional[Callable[[Node, list], Tensor]] = None
     reshapes: bool = False
     operand_from_output: Optional[Callable[[Node, int, Tensor, list], Tensor]] = None
 

@@ -322,14 +322,32 @@ _VIEWS = (
 )
 for _name in _VIEWS:
     ROUTING[_name] = replace(ROUTING[_name], view=True)
-# Nodes whose outputs hold each element of their operand exactly once (OpSpec.bijective): their
-# vector-Jacobian product is their inverse, so an operand is rebuilt from all of their outputs.
+
+
+def _inverse_by_vjp(node: Node, outputs: list) -> Tensor:
+    """The operand of a node whose outputs hold each of its elements once: its VJP is its inverse."""
+    return node_vjp(node, outputs)[0]
+
+
+def _first_copy(node: Node, outputs: list) -> Tensor:
+    """The operand of ``expand``: the first copy along every dimension it added or broadcast."""
+    shape = list(saved(node, "self_sym_sizes"))
+    value = outputs[0]
+    value = value[(0,) * (value.dim() - len(shape))]
+    for dim, size in enumerate(shape):
+        if size == 1 and value.shape[dim] != 1:
+            value = value.narrow(dim, 0, 1)
+    return value
+
+
+# Nodes whose operand is rebuilt from their outputs (OpSpec.inverse).
 _BIJECTIVE = _SHAPE_ONLY + (
     "AliasBackward0", "CloneBackward0", "FlipBackward0", "PermuteBackward0", "RollBackward0",
     "SplitBackward0", "SplitWithSizesBackward0", "TBackward0", "TransposeBackward0", "UnbindBackward0",
 )
 for _name in _BIJECTIVE:
-    ROUTING[_name] = replace(ROUTING[_name], bijective=True)
+    ROUTING[_name] = replace(ROUTING[_name], inverse=_inverse_by_vjp)
+ROUTING["ExpandBackward0"] = replace(ROUTING["ExpandBackward0"], inverse=_first_copy)
 # Elementwise max/min of two tensors: winner takes all, ties halved, conserving at NaN.
 ROUTING.update(
     {
