@@ -72,8 +72,8 @@ class Plan:
     def add_from_output(self, chain: tuple, origin: int, spec: OpSpec, slot: int, output_source: tuple,
                         sources: tuple) -> None:
         # The operand in `slot` of `origin` rebuilt from origin's output (kept by a consumer, see
-        # `output_source`) and its other operands (`sources`); `chain`: the operand's producer and the
-        # producers behind it that only reshape, which get the same value reshaped.
+        # `output_source`) and its other operands (`sources`, one per slot, None at `slot`); `chain`:
+        # the operand's producer and the producers behind it that only reshape (same value, reshaped).
         self.steps.append((FROM_OUTPUT, chain[0], origin, spec, slot, output_source, sources, chain))
 
     def add_replay(self, node: int, spec: OpSpec, sources: tuple) -> None:
@@ -111,7 +111,8 @@ class Plan:
                     last_use[step[6][1]] = index  # the node's own rebuilt output, read by its rule
             elif step[0] == FROM_OUTPUT:
                 for source in step[6]:
-                    last_use[source[1]] = index
+                    if source is not None:
+                        last_use[source[1]] = index
         produced = {step[1] for step in self.steps if step[0] in (LEAF, KEPT_OUTPUT, REPLAY, KEPT_BY_CONSUMER)}
         produced.update(node for step in self.steps if step[0] == FROM_OUTPUT for node in step[7])
         self.releases = {}

@@ -54,11 +54,11 @@ from .plan import Plan, Source
 
 
 def output_kept_by_consumer(
-    graph: AutogradGraph, table: Mapping[str, OpSpec], consumers: list[tuple[int, int]]
+    graph: AutogradGraph, table: Mapping[str, OpSpec], consumers: Sequence[tuple[int, int]], output_nr: int = 0
 ) -> Optional[tuple]:
-    """A consumer that kept a node's output 0 as its operand, as ``(consumer, slot, spec)``."""
+    """A consumer that kept a node's output ``output_nr`` as its operand, as ``(consumer, slot, spec)``."""
     for consumer, slot in consumers:
-        if graph.edges[consumer][slot][1] != 0:
+        if graph.edges[consumer][slot][1] != output_nr:
             continue
         spec = table.get(graph.types[consumer])
         if spec is not None and spec.kept_inputs is not None:
@@ -172,10 +172,9 @@ def _routing_recipe(graph: AutogradGraph, table: Mapping[str, OpSpec], all_consu
     budget[0] -= len(readers)
     if budget[0] < 0:
         return None
-    for consumer, slot in readers:
-        spec = table.get(graph.types[consumer])
-        if spec is not None and spec.kept_inputs is not None and spec.kept_inputs(graph.nodes[consumer])[slot] is not None:
-            return ("kept", consumer, slot, spec)
+    kept = output_kept_by_consumer(graph, table, readers, output_nr)
+    if kept is not None:
+        return ("kept",) + kept
     if depth == MAX_ROUTING:
         return None
     for consumer, _ in readers:
@@ -304,9 +303,8 @@ class PromiseResolver:
                 sources[slot] = ("edge", child, k)
                 missing.append(child)
         rebuilt = self._slot_rebuilt_from_output(node, output_source, missing) if missing else None
-        if rebuilt is not None:  # its operands but that one are needed, relevant or not
-            others = [child for slot, (child, _) in enumerate(self.graph.edges[node]) if slot != rebuilt]
-            missing = [child for child in dict.fromkeys(missing + others) if child != self.graph.edges[node][rebuilt][0]]
+        if rebuilt is not None:  # every other operand is needed, relevant or not (all tracked, distinct)
+            missing = [child for slot, (child, _) in enumerate(self.graph.edges[node]) if slot != rebuilt]
         if missing:
             promise = Promise(origin=node, kind="strict")
             self.promises.append(promise)
@@ -354,7 +352,7 @@ class PromiseResolver:
             return None
         if produced[0].dtype != output.dtype or output.dtype not in _PRECISE_ENOUGH:
             return None
-        if not all(self._at_hand(other) for other in children if other != child):
+        if not all(self._at_hand(other) for other in children if other not in missing):  # missing: checked
             return None
         return slot
 
@@ -371,7 +369,7 @@ class PromiseResolver:
             if below < 0 or k != 0 or below in self.resolved or len(graph.nodes[below]._input_metadata) != 1:
                 break
             chain.append(below)
-        sources = tuple(("edge",) + graph.edges[node][other] for other in range(len(graph.edges[node])) if other != slot)
+        sources = tuple(None if other == slot else ("edge",) + edge for other, edge in enumerate(graph.edges[node]))
         spec = self.table[graph.types[node]]
         self.plan.add_from_output(tuple(chain), node, spec, slot, output_source, sources)
         for produced in chain:

@@ -336,10 +336,7 @@ def execute(
         elif kind == FROM_OUTPUT:
             _, _, origin, spec, slot, (_, consumer, kept_slot, consumer_spec), sources, chain = step
             output = _reshaped(consumer_spec.kept_inputs(nodes[consumer])[kept_slot], nodes[origin])
-            operands: list = [None] * len(nodes[origin].next_functions)
-            for other, value in zip((j for j in range(len(operands)) if j != slot), _fetch(sources, None, spec, values)):
-                operands[other] = value
-            operand = spec.operand_from_output(nodes[origin], slot, output, operands)
+            operand = spec.operand_from_output(nodes[origin], slot, output, _fetch(sources, None, spec, values))
             for node in chain:
                 values[node] = (_reshaped(operand, nodes[node]),)
         elif kind == CAPTURE:

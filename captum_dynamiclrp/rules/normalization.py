@@ -213,7 +213,6 @@ NORMALIZATION: dict[str, OpSpec] = {
         needs=lambda node, relevant: (0, 2),
         forward=_group_norm_forward,
         kept_inputs=lambda node: (saved(node, "input"), saved(node, "weight"), None),
-        uses_output=True,
     ),
     "VarBackward0": _statistic(True, _var),
     "StdBackward0": _statistic(True, lambda n, x: _var(n, x).sqrt(), kept_output=_kept_result),

@@ -340,12 +340,12 @@ def _first_copy(node: Node, outputs: list) -> Tensor:
     return value
 
 
-# Nodes whose operand is rebuilt from their outputs (OpSpec.inverse).
-_BIJECTIVE = _SHAPE_ONLY + (
+# Nodes whose outputs hold each operand element once: their VJP rebuilds the operand (OpSpec.inverse).
+_INVERTED_BY_VJP = _SHAPE_ONLY + (
     "AliasBackward0", "CloneBackward0", "FlipBackward0", "PermuteBackward0", "RollBackward0",
     "SplitBackward0", "SplitWithSizesBackward0", "TBackward0", "TransposeBackward0", "UnbindBackward0",
 )
-for _name in _BIJECTIVE:
+for _name in _INVERTED_BY_VJP:
     ROUTING[_name] = replace(ROUTING[_name], inverse=_inverse_by_vjp)
 ROUTING["ExpandBackward0"] = replace(ROUTING["ExpandBackward0"], inverse=_first_copy)
 # Elementwise max/min of two tensors: winner takes all, ties halved, conserving at NaN.
