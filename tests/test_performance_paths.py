@@ -21,12 +21,15 @@ from torch import nn
 
 from captum_dynamiclrp import DynamicLRP
 from captum_dynamiclrp.engine import Engine, SavedTensorStore, build_graph
-from captum_dynamiclrp.engine.plan import PROPAGATE, REPLAY
+from captum_dynamiclrp.engine.graph import consumer_edges
+from captum_dynamiclrp.engine.plan import FROM_OUTPUT, PROPAGATE, REPLAY
+from captum_dynamiclrp.engine.promise import output_rebuilt_by_routing
 from captum_dynamiclrp.engine.saved import ReleasedSavedTensorError, saved_schedule
-from captum_dynamiclrp.engine.walker import build_plan
+from captum_dynamiclrp.engine.walker import _rebuilt, build_plan
 from captum_dynamiclrp.rules import RULE_TABLE
 from captum_dynamiclrp.rules import rows as rows_module
 from captum_dynamiclrp.rules import base
+from captum_dynamiclrp.rules.routing import ROUTING
 from captum_dynamiclrp.rules.base import RuleSettings, ratio, ratio_given_rectified
 
 DT = torch.float64
@@ -355,8 +358,6 @@ WITHOUT_REBUILD = {
 @pytest.mark.parametrize("shape", [(5, 8), (2, 3, 8)], ids=["2d", "3d"])
 def test_residual_branch_is_rebuilt_from_the_kept_sum(shape):
     """``down(...)`` = sum - h (both kept by the norms) instead of a replayed matrix product."""
-    from captum_dynamiclrp.engine.plan import FROM_OUTPUT
-
     torch.manual_seed(0)
     model = ResidualStream().to(DT).eval()
     x = torch.randn(*shape, dtype=DT)
@@ -396,8 +397,6 @@ def test_operand_of_a_sum_from_its_output():
 
 def test_rebuild_declines_in_16_bit_formats():
     """z - b in bfloat16 is exact only to z's scale, far coarser than a small branch: replay it there."""
-    from captum_dynamiclrp.engine.plan import FROM_OUTPUT
-
     for dtype, expected in ((torch.bfloat16, 0), (torch.float16, 0), (torch.float32, 3)):
         model = ResidualStream().to(dtype).eval()
         leaf = torch.randn(5, 8, dtype=dtype, requires_grad=True)
@@ -407,8 +406,6 @@ def test_rebuild_declines_in_16_bit_formats():
 
 def test_rebuild_declines_for_broadcast_or_untracked_operands():
     """A broadcast operand (a bias row) or an untracked one cannot be solved for: the branch is replayed."""
-    from captum_dynamiclrp.engine.plan import FROM_OUTPUT
-
     torch.manual_seed(0)
     lin, norm = nn.Linear(8, 8).to(DT), nn.LayerNorm(8).to(DT)
     row = torch.randn(8, dtype=DT, requires_grad=True)
@@ -546,10 +543,6 @@ def test_output_behind_views_is_read_from_their_storage(touch_key):
 def test_output_behind_copies_is_rebuilt_by_routing():
     """q, k, v made contiguous (copies) after split and transpose: the projection's output is rebuilt
     from the three copies by calling the routing nodes (transpose, view, split) on them."""
-    from captum_dynamiclrp.engine.walker import _rebuilt
-    from captum_dynamiclrp.engine.promise import output_rebuilt_by_routing
-    from captum_dynamiclrp.engine.graph import consumer_edges
-
     torch.manual_seed(0)
     model = SplitAttention(contiguous=True).to(DT).eval()
     x, t = torch.randn(3, 5, 8, dtype=DT), torch.tensor([0, 1, 2])
@@ -606,8 +599,6 @@ def test_repeated_values_are_rebuilt_from_their_first_copy():
 
 
 def test_expand_inverse_is_the_first_copy():
-    from captum_dynamiclrp.rules.routing import ROUTING
-
     x = torch.randn(2, 1, 3, dtype=DT, requires_grad=True)
     y = x.expand(4, 2, 5, 3)
     rebuilt = ROUTING["ExpandBackward0"].inverse(y.grad_fn, [y.detach()])
