@@ -27,8 +27,9 @@ from ..rules.base import OpSpec
 # of node `child`, recovered earlier in the plan.
 # An output source (a rule's own output value): ("consumer", consumer, slot, spec) - a consumer
 # kept it as its operand; ("root",) - it is the explained output itself; ("value", node) - a
-# promise rebuilt it earlier in the plan; ("rectified", consumer, spec) - not the output but
-# max(output, 0), kept by a ReLU consumer (RuleContext.rectified); ("storage", consumer, slot, spec)
+# promise rebuilt it earlier in the plan; ("rectified", consumer, spec, proven) - not the output but
+# max(output, 0), kept by a ReLU consumer (RuleContext.rectified; proven: the graph guarantees that
+# relevance vanishes where it is 0, RuleContext.rectified_vanishes); ("storage", consumer, slot, spec)
 # - a consumer kept a view of it, whose storage is the whole output (walker.output_from_storage);
 # ("routed", recipe) - rebuilt from copies consumers kept behind routing nodes with an inverse
 # (promise.output_rebuilt_by_routing).

@@ -43,7 +43,7 @@ replay a forward) to the plan; the executor in :mod:`.walker` runs them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence, Union
+from typing import AbstractSet, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -212,6 +212,64 @@ def output_rectified_by_consumer(
             if spec.kept_output(graph.nodes[consumer]) is not None:
                 return (consumer, spec)
     return None
+
+
+# How many nodes the proof below may look through past the ReLU (max pools, reshapes, ReLUs):
+# keeps it O(1) per node.
+MAX_ZERO_PRESERVING = 8
+
+
+def relevance_vanishes_where_rectified(
+    graph: AutogradGraph,
+    table: Mapping[str, OpSpec],
+    all_consumers: Sequence[Sequence[tuple[int, int]]],
+    node: int,
+    rectifier: int,
+    folded_sums: AbstractSet[int],
+) -> bool:
+    """Whether relevance at ``node``'s output 0 is zero, by the graph's structure, wherever the
+    kept result ``max(z, 0)`` of its ReLU consumer ``rectifier`` is zero.
+
+    True when (1) all of ``node``'s output 0 reaches ``rectifier``, through reshapes only, so no
+    other reader adds relevance, and (2) every reader of the ReLU's result hands it relevance of
+    the form ``y * g`` (``OpSpec.scales_operands``), or passes on that property to ``y``
+    (``OpSpec.keeps_zeros``: max pools, ReLUs; reshapes), looked through up to
+    :data:`MAX_ZERO_PRESERVING` nodes. The explained output (node 0) and folded bias sums
+    (which pass relevance on unchanged) end the proof with ``False``. Operand values the readers
+    use are the ReLU's own (kept, replayed exactly, or ``z - b`` with ``y = 0`` giving exactly 0).
+    """
+    types = graph.types
+    current = node
+    for _ in range(MAX_RESHAPES + 2):
+        readers = [pair for pair in all_consumers[current] if graph.edges[pair[0]][pair[1]][1] == 0]
+        if len(readers) != 1:
+            return False
+        consumer = readers[0][0]
+        if consumer == rectifier:
+            break
+        spec = table.get(types[consumer])
+        if spec is None or not spec.reshapes:
+            return False
+        current = consumer
+    else:
+        return False
+    budget = MAX_ZERO_PRESERVING
+    stack = [rectifier]
+    while stack:
+        current = stack.pop()
+        if current == 0 or not all_consumers[current]:
+            return False  # the seed arrives here, or nothing does that the proof can see
+        for consumer, _ in all_consumers[current]:
+            spec = table.get(types[consumer])
+            if spec is None or consumer in folded_sums:
+                return False
+            if spec.scales_operands:
+                continue
+            if not (spec.keeps_zeros or spec.reshapes) or budget == 0:
+                return False
+            budget -= 1
+            stack.append(consumer)
+    return True
 
 
 @dataclass

@@ -34,6 +34,7 @@ from .promise import (
     output_rebuilt_by_routing,
     output_rectified_by_consumer,
     output_viewed_by_consumer,
+    relevance_vanishes_where_rectified,
 )
 from .saved import SavedTensorStore, saved_schedule
 
@@ -97,7 +98,11 @@ def build_plan(graph: AutogradGraph, table: Mapping[str, OpSpec], fallback: Opti
                     output_source = ("routed", routed) if routed else None
                 if output_source is None:  # max(output, 0) from a ReLU: exact where relevance allows
                     rectified = output_rectified_by_consumer(graph, table, consumers, i)
-                    output_source = ("rectified",) + rectified if rectified else None
+                    if rectified:  # proven: no check of R against max(output, 0) when run
+                        proven = relevance_vanishes_where_rectified(
+                            graph, table, consumers, i, rectified[0], folded_sums
+                        )
+                        output_source = ("rectified",) + rectified + (proven,)
             # "rectified" and "storage" may decline when read: the rule then recomputes its output.
             exact_output = output_source is not None and output_source[0] not in ("rectified", "storage")
             needs = spec.needs_given_output if (exact_output and spec.needs_given_output) else spec.needs
@@ -251,6 +256,7 @@ def _propagate(step: tuple, nodes: list, relevance: dict, values: dict, root: tu
         return
     node = nodes[i]
     output = rectified = None
+    rectified_vanishes = False
     if output_source is not None:
         if output_source[0] == "root":
             root_output, seed_output_nr = root
@@ -263,7 +269,7 @@ def _propagate(step: tuple, nodes: list, relevance: dict, values: dict, root: tu
         elif output_source[0] == "routed":
             output = _rebuilt(output_source[1], nodes)
         elif output_source[0] == "rectified":
-            _, consumer, consumer_spec = output_source
+            _, consumer, consumer_spec, rectified_vanishes = output_source
             rectified = _reshaped(consumer_spec.kept_output(nodes[consumer]), node)
         else:
             _, consumer, slot, consumer_spec = output_source
@@ -272,7 +278,8 @@ def _propagate(step: tuple, nodes: list, relevance: dict, values: dict, root: tu
             saved.release(nodes[output_source[1]])
     bias = None if bias_source is None else values[bias_source[1]][bias_source[2]]  # always an "edge" source
     ctx = RuleContext(
-        node, arrived, relevant, _fetch(sources, node, spec, values), settings, output, bias, rectified
+        node, arrived, relevant, _fetch(sources, node, spec, values), settings, output, bias, rectified,
+        rectified_vanishes,
     )
     rectified = None  # the context holds it; a rule that takes it (take_rectified) frees it early
     for slot, r in enumerate(spec.rule(ctx)):

@@ -47,6 +47,7 @@ from .base import (
     needs_relevant_inputs,
     node_vjp,
     ratio,
+    ratio_given_rectified,
     saved,
     signed_dim,
     sum_to,
@@ -108,11 +109,17 @@ def _operand_of_sum(sign: float):
 
 def _sum_rule(sign: float):
     def rule(ctx: RuleContext) -> list[MaybeTensor]:
-        # The true sum (kept by a consumer, or the explained output) lets an untracked
-        # constant absorb its share; otherwise the sum of the operands we know.
-        z = ctx.output if ctx.output is not None else _known_sum(ctx.node, ctx.inputs, sign)
-        s = ratio(ctx.out, z, ctx.settings.epsilon)
-        del z  # free the recomputed sum before the products
+        # The true sum (kept by a consumer, or the explained output; or a ReLU's max(z, 0) where
+        # the planner proved that exact) lets an untracked constant absorb its share; otherwise
+        # the sum of the operands we know.
+        eps = ctx.settings.epsilon
+        s = None
+        if ctx.output is None and ctx.rectified_vanishes:
+            s = ratio_given_rectified(ctx.out, ctx.take_rectified(), eps, vanishes=True)
+        if s is None:
+            z = ctx.output if ctx.output is not None else _known_sum(ctx.node, ctx.inputs, sign)
+            s = ratio(ctx.out, z, eps)
+            del z  # free the recomputed sum before the products
         return contribution_epsilon_rule(ctx, s)
 
     return rule
@@ -163,6 +170,7 @@ def _reduction(forward, kept_inputs=None) -> OpSpec:
         needs=needs_all_inputs,
         forward=forward,
         kept_inputs=kept_inputs,
+        scales_operands=True,
     )
 
 
@@ -346,6 +354,7 @@ ARITHMETIC: dict[str, OpSpec] = {
         uses_output=True,
         needs_given_output=needs_relevant_inputs,
         operand_from_output=_operand_of_sum(+1.0),
+        scales_operands=True,
     ),
     "SubBackward0": OpSpec(
         family="epsilon (signed contributions)",
@@ -355,6 +364,7 @@ ARITHMETIC: dict[str, OpSpec] = {
         uses_output=True,
         needs_given_output=needs_relevant_inputs,
         operand_from_output=_operand_of_sum(-1.0),
+        scales_operands=True,
     ),
     # c - alpha * x with a scalar c that autograd did not keep: c absorbs nothing.
     "RsubBackward1": OpSpec(family="epsilon (signed contributions)", rule=lambda ctx: (ctx.out,)),

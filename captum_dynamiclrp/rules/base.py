@@ -60,7 +60,7 @@ def ratio(relevance: Tensor, z: Tensor, eps: float) -> Tensor:
     return relevance / denominator
 
 
-def ratio_given_rectified(relevance: Tensor, rectified: MaybeTensor, eps: float) -> MaybeTensor:
+def ratio_given_rectified(relevance: Tensor, rectified: MaybeTensor, eps: float, vanishes: bool = False) -> MaybeTensor:
     r""":math:`R / \mathrm{stab}(z)` from :math:`y = \max(z, 0)` alone, where that is exact; else ``None``.
 
     Where :math:`z > 0`, :math:`y = z`. Where :math:`y = 0` (:math:`z \le 0`) the true ratio
@@ -74,9 +74,16 @@ def ratio_given_rectified(relevance: Tensor, rectified: MaybeTensor, eps: float)
     ``None`` (the caller recomputes :math:`z`) if :math:`\epsilon = 0`, if no ``rectified`` is
     given, off the CPU (the check costs a host sync there), or if some relevance (or a NaN) sits
     where :math:`y = 0`.
+
+    ``vanishes=True`` says the graph's structure already guarantees it (the planner proved that
+    every consumer of :math:`y` hands relevance :math:`y \odot g`, see ``OpSpec.scales_operands``):
+    the check is skipped, on any device. A NaN in :math:`R` at :math:`y = 0` then stays NaN in
+    the ratio, as it would after recomputing :math:`z`.
     """
     if rectified is None or not eps > 0 or rectified.shape != relevance.shape:
         return None
+    if vanishes:
+        return ratio(relevance, rectified, eps)
     if relevance.device.type != "cpu":
         # The check below reads a flag back to the host: free on the CPU, where ops run
         # synchronously, but a pipeline stall per layer on an accelerator: recompute z there.
@@ -149,6 +156,9 @@ class RuleContext:
         rectified: Where ``output`` is unknown but a ReLU consumer kept its result
             (``OpSpec.rectifies``): that result, ``max(z, 0)`` of this node's output
             :math:`z`. Rules may use it through :func:`ratio_given_rectified`.
+        rectified_vanishes: The planner proved from the graph that ``relevance`` is zero
+            wherever ``rectified`` is (see ``OpSpec.scales_operands``), so ``rectified``
+            stands for the output without a check.
     """
 
     node: Node
@@ -159,6 +169,7 @@ class RuleContext:
     output: MaybeTensor = None
     bias: MaybeTensor = None
     rectified: MaybeTensor = None
+    rectified_vanishes: bool = False
 
     def take_rectified(self) -> MaybeTensor:
         """``rectified``, handed over once: the context drops its reference, so that the value
@@ -267,6 +278,17 @@ class OpSpec:
             replaying the operand's producer (for a residual branch, a whole matrix product).
             Equal to the forward's value up to the rounding of one subtraction at the scale of
             :math:`z`.
+        scales_operands (bool): The relevance the rule hands each operand is that operand's
+            value times something, elementwise :math:`R_x = x g` (epsilon, gamma and z+ rules
+            of linear maps, batch norm, sums and pools), in every preset: zero wherever the operand
+            is zero. Lets the planner prove that a ReLU's kept result can stand for its input
+            where relevance arrives (``RuleContext.rectified_vanishes``). A rule that does not
+            have this form must leave it ``False``.
+        keeps_zeros (bool): Where relevance at the output is zero wherever the output is zero,
+            relevance the rule hands the operand is zero wherever the operand is zero: ReLU
+            (identity, and x = 0 gives y = 0), max pooling (winner takes all: a winner
+            of value 0 is the window's output 0). The planner's proof looks through such
+            nodes and through reshapes.
         reshapes (bool): The node's output is its single operand reshaped (same elements in
             the same order: view, reshape, squeeze, unsqueeze). The engine looks through such
             nodes for a consumer that kept an op's output (a linear map on 3-d input is an
@@ -290,6 +312,8 @@ class OpSpec:
     view: bool = False
     inverse: Optional[Callable[[Node, list], Tensor]] = None
     reshapes: bool = False
+    scales_operands: bool = False
+    keeps_zeros: bool = False
     operand_from_output: Optional[Callable[[Node, int, Tensor, list], Tensor]] = None
 
 

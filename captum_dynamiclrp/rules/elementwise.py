@@ -51,7 +51,9 @@ def _dropout(node, x):
 
 ELEMENTWISE: dict[str, OpSpec] = {
     # ReLU keeps max(x, 0): a producer's linear rule can read its own output from it (OpSpec.rectifies).
-    "ReluBackward0": OpSpec(family="identity (elementwise)", rule=identity_rule, kept_output=_kept_result, rectifies=True),
+    "ReluBackward0": OpSpec(
+        family="identity (elementwise)", rule=identity_rule, kept_output=_kept_result, rectifies=True, keeps_zeros=True
+    ),
     "SigmoidBackward0": _from_result(),
     "TanhBackward0": _from_result(),
     "EluBackward0": _from_input(_elu),

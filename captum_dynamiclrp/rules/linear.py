@@ -203,12 +203,14 @@ def _minus(t: Tensor) -> Tensor:
 
 def _linear_relevance(op: BilinearOp, node: Node, x_is_a: bool, x: Tensor, w: Tensor, bias: MaybeTensor,
                       relevance: Tensor, settings: RuleSettings, output: MaybeTensor,
-                      take_rectified: Callable[[], MaybeTensor] = lambda: None) -> Tensor:
+                      take_rectified: Callable[[], MaybeTensor] = lambda: None,
+                      rectified_vanishes: bool = False) -> Tensor:
     """The preset's rule for one activation ``x`` against a parameter operand ``w``.
 
     ``output`` is the op's forward output if a consumer kept it (saves one forward product);
     ``take_rectified()`` hands over ``max(output, 0)`` if a ReLU kept that instead (see
     ``ratio_given_rectified``); taken only where it is used, and dropped once the ratio exists.
+    ``rectified_vanishes``: the planner proved that relevance vanishes where that value is 0.
     """
 
     def apply(xv: Tensor, wv: Tensor) -> Tensor:
@@ -225,7 +227,7 @@ def _linear_relevance(op: BilinearOp, node: Node, x_is_a: bool, x: Tensor, w: Te
         if output is not None:
             s = ratio(relevance, output, eps)
         else:
-            s = ratio_given_rectified(relevance, take_rectified(), eps)
+            s = ratio_given_rectified(relevance, take_rectified(), eps, rectified_vanishes)
             if s is None:  # recompute z; it is freed as soon as the ratio exists
                 s = ratio(relevance, apply(x, w) if bias is None else apply(x, w).add_(bias), eps)
         return grad(s, x, w).mul_(x)
@@ -334,17 +336,17 @@ def _bilinear_rule(op: BilinearOp) -> Callable[[RuleContext], list]:
         elif rel_a and op.row_separable:  # x @ W: rows without relevance are skipped (see rows.py)
             result[op.a_slot] = on_relevant_rows(
                 lambda x, bias_, r, out, rect: _linear_relevance(
-                    op, node, True, x, b, bias_, r, ctx.settings, out, rect
+                    op, node, True, x, b, bias_, r, ctx.settings, out, rect, ctx.rectified_vanishes
                 ),
                 a, bias, ctx.out, output, take_rectified,
             )
         elif rel_a:
             result[op.a_slot] = _linear_relevance(
-                op, node, True, a, b, bias, ctx.out, ctx.settings, output, take_rectified
+                op, node, True, a, b, bias, ctx.out, ctx.settings, output, take_rectified, ctx.rectified_vanishes
             )
         elif rel_b:
             result[op.b_slot] = _linear_relevance(
-                op, node, False, b, a, bias, ctx.out, ctx.settings, output, take_rectified
+                op, node, False, b, a, bias, ctx.out, ctx.settings, output, take_rectified, ctx.rectified_vanishes
             )
         return result
 
@@ -378,6 +380,7 @@ def _spec(op: BilinearOp) -> OpSpec:
         bias_after=bias_after if isinstance(op, MatMulOp) and op.bias_slot is None else None,
         # mm / addmm / bmm / baddbmm / mv allocate their result; a convolution's may be channels-last.
         fresh_output=isinstance(op, MatMulOp),
+        scales_operands=True,  # every preset's rule hands x (and, for two activations, b) x * (...)
     )
 
 

@@ -31,7 +31,17 @@ import torch
 from torch import Tensor
 
 from ..errors import UnrecoverableOperandError
-from .base import MaybeTensor, Node, OpSpec, RuleContext, ratio, saved, signed_dim, stabilize
+from .base import (
+    MaybeTensor,
+    Node,
+    OpSpec,
+    RuleContext,
+    ratio,
+    ratio_given_rectified,
+    saved,
+    signed_dim,
+    stabilize,
+)
 
 
 def _scale_shift(node: Node, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
@@ -62,12 +72,19 @@ def _affine(node: Node, inputs: list) -> tuple[Tensor, Tensor]:
 def batch_norm_rule(ctx: RuleContext) -> list[MaybeTensor]:
     r"""Epsilon on the affine map: :math:`R_x = a x \odot R / \mathrm{stab}(a x + c)`."""
     x = ctx.inputs[0]
+    eps = ctx.settings.epsilon
+    # A ReLU's max(z, 0) stands for z only where the planner proved that exact: checking it
+    # when run costs more than recomputing z (one addcmul).
+    rectified = ctx.take_rectified() if ctx.rectified_vanishes else None
     if ctx.output is not None:  # a consumer kept z, or a promise rebuilt it (residual branch)
         scale, z = _channel_view(_scale_shift(ctx.node, ctx.inputs[2])[0], x), ctx.output
+        s = ratio(ctx.out, z, eps)
+    elif rectified is not None and (s := ratio_given_rectified(ctx.out, rectified, eps, vanishes=True)) is not None:
+        scale = _channel_view(_scale_shift(ctx.node, ctx.inputs[2])[0], x)
     else:
         scale, z = _affine(ctx.node, ctx.inputs)
-    s = ratio(ctx.out, z, ctx.settings.epsilon)
-    del z  # free the recomputed output before the products
+        s = ratio(ctx.out, z, eps)
+        del z  # free the recomputed output before the products
     return [s.mul_(x).mul_(scale), None, None]
 
 
@@ -88,6 +105,7 @@ def _spec() -> OpSpec:
         forward=_forward,
         kept_inputs=lambda node: (saved(node, "input"), saved(node, "weight"), None),
         uses_output=True,
+        scales_operands=True,
     )
 
 

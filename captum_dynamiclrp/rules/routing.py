@@ -300,9 +300,15 @@ ROUTING.update(
         "AliasBackward0": _routing(lambda n, x: x[0]),
         "ToCopyBackward0": _routing(_to_copy),
         # Winner takes all: the gradient routes each output to its argmax input.
-        "MaxPool1DWithIndicesBackward0": _routing(_max_pool, kept_inputs=lambda n: (saved(n, "self"),)),
-        "MaxPool2DWithIndicesBackward0": _routing(_max_pool, kept_inputs=lambda n: (saved(n, "self"),)),
-        "MaxPool3DWithIndicesBackward0": _routing(_max_pool, kept_inputs=lambda n: (saved(n, "self"),)),
+        "MaxPool1DWithIndicesBackward0": replace(
+            _routing(_max_pool, kept_inputs=lambda n: (saved(n, "self"),)), keeps_zeros=True
+        ),
+        "MaxPool2DWithIndicesBackward0": replace(
+            _routing(_max_pool, kept_inputs=lambda n: (saved(n, "self"),)), keeps_zeros=True
+        ),
+        "MaxPool3DWithIndicesBackward0": replace(
+            _routing(_max_pool, kept_inputs=lambda n: (saved(n, "self"),)), keeps_zeros=True
+        ),
         "MaxBackward0": _routing(_max_dim),
         "MinBackward0": _routing(_max_dim),
         "MaxBackward1": _routing(None, kept_output=lambda n: saved(n, "result")),
