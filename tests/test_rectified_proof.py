@@ -171,3 +171,19 @@ def test_batch_equals_per_example_with_proven_sources():
     batch = method.attribute(x, target=t)
     single = torch.cat([method.attribute(x[i:i + 1], target=int(t[i])) for i in range(3)])
     torch.testing.assert_close(batch, single, rtol=1e-9, atol=1e-12)
+
+
+def test_ratio_from_a_rectified_value_in_two_passes_keeps_the_bits():
+    """stab(y) = y + eps for y >= 0: the bits of ``ratio`` where y > 0, a signed zero at y = -0."""
+    y = torch.tensor([[2.5, 0.0, -0.0, 1e-9, 3.0]], dtype=torch.bfloat16)
+    r = torch.tensor([[0.3, 0.0, 0.0, -1.0, 2.0]], dtype=torch.float32)
+    got = base.ratio_given_rectified(r, y, 1e-6, vanishes=True)
+    assert got.dtype == torch.float32 and y.dtype == torch.bfloat16  # y is read, never written
+    assert torch.equal(got, base.ratio(r, y.float(), 1e-6))  # -0 == +0 for torch.equal
+    for dtype in (torch.float32, torch.float64):
+        z = torch.randn(64, dtype=dtype)
+        rr = torch.where(z > 0, torch.randn(64, dtype=dtype), 0.0)
+        exact = base.ratio(rr, z, 1e-6)
+        given = base.ratio_given_rectified(rr, z.clamp(min=0), 1e-6)
+        positive = z > 0
+        assert torch.equal(given[positive], exact[positive]) and torch.equal(given[~positive], exact[~positive])

@@ -79,18 +79,25 @@ def ratio_given_rectified(relevance: Tensor, rectified: MaybeTensor, eps: float,
     every consumer of :math:`y` hands relevance :math:`y \odot g`, see ``OpSpec.scales_operands``):
     the check is skipped, on any device. A NaN in :math:`R` at :math:`y = 0` then stays NaN in
     the ratio, as it would after recomputing :math:`z`.
+
+    Since :math:`y \ge 0`, :math:`\mathrm{stab}(y) = y + \epsilon` (the same bits for
+    :math:`y > 0`; only the sign of zeros differs at :math:`y = -0`): two passes instead of
+    :func:`ratio`'s four.
     """
     if rectified is None or not eps > 0 or rectified.shape != relevance.shape:
         return None
-    if vanishes:
-        return ratio(relevance, rectified, eps)
-    if relevance.device.type != "cpu":
-        # The check below reads a flag back to the host: free on the CPU, where ops run
-        # synchronously, but a pipeline stall per layer on an accelerator: recompute z there.
-        return None
-    if not _vanishes_where_zero(relevance, rectified):  # z itself is needed there
-        return None
-    return ratio(relevance, rectified, eps)
+    if not vanishes:
+        if relevance.device.type != "cpu":
+            # The check below reads a flag back to the host: free on the CPU, where ops run
+            # synchronously, but a pipeline stall per layer on an accelerator: recompute z there.
+            return None
+        if not _vanishes_where_zero(relevance, rectified):  # z itself is needed there
+            return None
+    if rectified.dtype == relevance.dtype:
+        denominator = torch.add(rectified, eps)
+    else:
+        denominator = rectified.to(relevance.dtype).add_(eps)
+    return torch.div(relevance, denominator, out=denominator)
 
 
 # The check above runs over blocks of this many elements, so that its boolean temporaries stay
