@@ -47,7 +47,6 @@ from .base import (
     needs_relevant_inputs,
     node_vjp,
     ratio,
-    ratio_given_rectified,
     saved,
     signed_dim,
     sum_to,
@@ -112,13 +111,10 @@ def _sum_rule(sign: float):
         # The true sum (kept by a consumer, or the explained output; or a ReLU's max(z, 0) where
         # the planner proved that exact) lets an untracked constant absorb its share; otherwise
         # the sum of the operands we know.
-        eps = ctx.settings.epsilon
-        s = None
-        if ctx.output is None and ctx.rectified_vanishes:
-            s = ratio_given_rectified(ctx.out, ctx.take_rectified(), eps, vanishes=True)
+        s = ctx.proven_rectified_ratio()
         if s is None:
             z = ctx.output if ctx.output is not None else _known_sum(ctx.node, ctx.inputs, sign)
-            s = ratio(ctx.out, z, eps)
+            s = ratio(ctx.out, z, ctx.settings.epsilon)
             del z  # free the recomputed sum before the products
         return contribution_epsilon_rule(ctx, s)
 

@@ -184,6 +184,13 @@ class RuleContext:
         value, self.rectified = self.rectified, None
         return value
 
+    def proven_rectified_ratio(self) -> MaybeTensor:
+        r""":math:`R / \mathrm{stab}(z)` from ``rectified`` where the output is unknown and the planner
+        proved that exact (``rectified_vanishes``); ``None`` otherwise (the rule then needs :math:`z`)."""
+        if self.output is not None or not self.rectified_vanishes:
+            return None
+        return ratio_given_rectified(self.out, self.take_rectified(), self.settings.epsilon, vanishes=True)
+
     @property
     def out(self) -> Tensor:
         """Relevance at the (single) output."""

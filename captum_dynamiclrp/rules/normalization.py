@@ -37,7 +37,6 @@ from .base import (
     OpSpec,
     RuleContext,
     ratio,
-    ratio_given_rectified,
     saved,
     signed_dim,
     stabilize,
@@ -72,18 +71,16 @@ def _affine(node: Node, inputs: list) -> tuple[Tensor, Tensor]:
 def batch_norm_rule(ctx: RuleContext) -> list[MaybeTensor]:
     r"""Epsilon on the affine map: :math:`R_x = a x \odot R / \mathrm{stab}(a x + c)`."""
     x = ctx.inputs[0]
-    eps = ctx.settings.epsilon
     # A ReLU's max(z, 0) stands for z only where the planner proved that exact: checking it
     # when run costs more than recomputing z (one addcmul).
-    rectified = ctx.take_rectified() if ctx.rectified_vanishes else None
-    if ctx.output is not None:  # a consumer kept z, or a promise rebuilt it (residual branch)
-        scale, z = _channel_view(_scale_shift(ctx.node, ctx.inputs[2])[0], x), ctx.output
-        s = ratio(ctx.out, z, eps)
-    elif rectified is not None and (s := ratio_given_rectified(ctx.out, rectified, eps, vanishes=True)) is not None:
+    s = ctx.proven_rectified_ratio()
+    if s is not None or ctx.output is not None:  # else z is recomputed
         scale = _channel_view(_scale_shift(ctx.node, ctx.inputs[2])[0], x)
+        if s is None:  # a consumer kept z, or a promise rebuilt it (residual branch)
+            s = ratio(ctx.out, ctx.output, ctx.settings.epsilon)
     else:
         scale, z = _affine(ctx.node, ctx.inputs)
-        s = ratio(ctx.out, z, eps)
+        s = ratio(ctx.out, z, ctx.settings.epsilon)
         del z  # free the recomputed output before the products
     return [s.mul_(x).mul_(scale), None, None]
 
