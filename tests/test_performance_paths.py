@@ -465,6 +465,28 @@ def test_relevant_rows(check_elements, monkeypatch):
     assert rows_module.relevant_rows(torch.ones(1, 3, dtype=DT)) is None
 
 
+def test_relevant_rows_probes_before_the_full_pass(monkeypatch):
+    """Dense relevance (every layer below a sequence model's first attention) costs a 16-row probe only."""
+    seen = []
+    carrying = rows_module._rows_carrying
+    monkeypatch.setattr(rows_module, "_rows_carrying", lambda r: seen.append(r.shape[0]) or carrying(r))
+    dense = torch.randn(100, 5, dtype=DT)
+    dense[7] = 0.0
+    assert rows_module.relevant_rows(dense) is None
+    assert seen == [rows_module.PROBE_ROWS]
+    sparse = torch.zeros(100, 5, dtype=DT)
+    sparse[99, 2] = 1.0
+    sparse[40, 0] = float("nan")
+    seen.clear()
+    assert rows_module.relevant_rows(sparse).tolist() == [40, 99]
+    assert seen == [rows_module.PROBE_ROWS, 100]
+    # A sparse pattern on exactly the probed rows looks dense: the rule then runs on all rows (speed, not results).
+    probed = torch.zeros(100, 5, dtype=DT)
+    probed[torch.arange(16) * 99 // 15] = 1.0
+    assert rows_module.relevant_rows(probed) is None
+    assert rows_module.relevant_rows(probed[:32]).tolist() == [0, 6, 13, 19, 26]  # small: no probe, full pass
+
+
 @pytest.mark.parametrize("linear", ["epsilon", "gamma", "zplus"])
 def test_last_position_skips_other_rows_with_the_same_result(linear, monkeypatch):
     """Explaining the last position of a sequence: the head and last MLP see one relevant row."""

@@ -24,7 +24,7 @@ from torch import Tensor
 from .base import MaybeTensor
 
 # Rows are subset only if at most this fraction carries relevance: finding them costs one pass
-# over R (and one host sync), gathering and scattering a little more.
+# over R (and one host sync, two when the probe below runs), gathering and scattering a little more.
 MAX_ROW_FRACTION = 0.5
 
 
@@ -39,11 +39,32 @@ def relevant_rows(relevance: Tensor, max_fraction: Optional[float] = None) -> Op
         return None
     if relevance.device.type != "cpu":  # the count below is a host sync: a stall per layer on an accelerator
         return None
+    if _probe_says_dense(relevance, max_fraction):
+        return None
     carries = _rows_carrying(relevance)
     count = int(carries.sum())  # the host sync
     if count > max_fraction * relevance.shape[0]:
         return None
     return carries.nonzero().squeeze(1)
+
+
+# Rows probed before the full pass: evenly spaced, the first and the last among them.
+PROBE_ROWS = 16
+
+
+def _probe_says_dense(relevance: Tensor, max_fraction: float) -> bool:
+    """Whether more than ``max_fraction`` of :data:`PROBE_ROWS` evenly spaced rows carry relevance.
+
+    Below a sequence model's first attention (from the output) every row carries relevance, so the
+    full pass over R would be wasted at most ``mm`` nodes; the probe reads 16 rows instead. It may
+    miss a sparse pattern that happens to hit the probed rows, which costs speed, never correctness
+    (the rule then runs on all rows).
+    """
+    n = relevance.shape[0]
+    if n <= 2 * PROBE_ROWS:  # the full pass costs about as little
+        return False
+    picks = torch.arange(PROBE_ROWS, device=relevance.device) * (n - 1) // (PROBE_ROWS - 1)
+    return int(_rows_carrying(relevance.index_select(0, picks)).sum()) > max_fraction * PROBE_ROWS
 
 
 # Rows are tested this many elements at a time: ``any(dim=1)`` makes a boolean copy of its input,
