@@ -294,7 +294,10 @@ def compare(case: Case, theirs: dict) -> dict:
         scores = run_model(case, model, embeds)
     target = int(scores[0].argmax())
     assert target == theirs["target"]
-    torch.testing.assert_close(scores, theirs["scores"], rtol=1e-5, atol=1e-6)
+    # Same weights, same model: LXT's patched modules write some ops differently (gelu_new), which in
+    # float32 moves logits by rounding (1.8e-6 on an AMD EPYC VM, where 1e-6 was too tight).
+    tight = case.dtype == "float64"
+    torch.testing.assert_close(scores, theirs["scores"], rtol=1e-5 if tight else 1e-4, atol=1e-6 if tight else 1e-5)
 
     assert "lxt" not in sys.modules, "LXT was imported into the test process; our side must run unpatched"
     lrp = DynamicLRP(lambda x: run_model(case, model, x), rules="attnlrp", epsilon=EPSILON)
