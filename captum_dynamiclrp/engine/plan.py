@@ -2,7 +2,8 @@
 
 A :class:`Plan` is a flat list of steps in traversal order: read a leaf, read a
 kept output (or a value a consumer kept), replay a forward (the resolved Promise
-Branches), rebuild a sum's operand from its kept output, apply a rule, capture a
+Branches), rebuild a sum's operand from its kept output, solve for a value rotated
+into a kept output (rotary embeddings, :mod:`.rotation`), apply a rule, capture a
 requested tensor's relevance. It refers to nodes by their index in the
 auxiliary graph, never to nodes or tensors, so a cached plan holds no memory of
 the call that made it. A later call whose graph has the same signature (node
@@ -35,7 +36,7 @@ from ..rules.base import OpSpec
 # (promise.output_rebuilt_by_routing).
 Source = Tuple[str, int, int]
 
-LEAF, KEPT_OUTPUT, REPLAY, PROPAGATE, CAPTURE, KEPT_BY_CONSUMER, FROM_OUTPUT = range(7)
+LEAF, KEPT_OUTPUT, REPLAY, PROPAGATE, CAPTURE, KEPT_BY_CONSUMER, FROM_OUTPUT, UNROTATE = range(8)
 
 
 @dataclass
@@ -77,6 +78,12 @@ class Plan:
         # the operand's producer and the producers behind it that only reshape (same value, reshaped).
         self.steps.append((FROM_OUTPUT, chain[0], origin, spec, slot, output_source, sources, chain))
 
+    def add_unrotate(self, chain: tuple, rotation: tuple, output_recipe: tuple, replays: tuple) -> None:
+        # chain[0]'s value rebuilt from the rotation's kept output (engine.rotation), the nodes below
+        # it in `chain` (routing nodes with an inverse, then the node that can be replayed) by those
+        # inverses; `replays` ((node, spec, sources), bottom first) recompute them all where that fails.
+        self.steps.append((UNROTATE, chain[0], rotation, output_recipe, chain, replays))
+
     def add_replay(self, node: int, spec: OpSpec, sources: tuple) -> None:
         self.steps.append((REPLAY, node, spec, sources))
 
@@ -114,8 +121,16 @@ class Plan:
                 for source in step[6]:
                     if source is not None:
                         last_use[source[1]] = index
+            elif step[0] == UNROTATE:  # the fallback replays read earlier values (and the chain's own)
+                for _, _, sources in step[5]:
+                    for source in sources:
+                        if source is not None and source[0] == "edge":
+                            last_use[source[1]] = index
+                for node in step[4]:
+                    last_use.setdefault(node, index)  # a chain node nobody reads later goes now
         produced = {step[1] for step in self.steps if step[0] in (LEAF, KEPT_OUTPUT, REPLAY, KEPT_BY_CONSUMER)}
         produced.update(node for step in self.steps if step[0] == FROM_OUTPUT for node in step[7])
+        produced.update(node for step in self.steps if step[0] == UNROTATE for node in step[4])
         self.releases = {}
         for node, index in last_use.items():
             if node in produced:

@@ -12,7 +12,8 @@ Vocabulary (paper, Sec. 4.2 and Appendix C):
   recording the nodes it passes (its *forward chain*), until it meets an
   **Arg Node**: a leaf, a node that kept its result (``ReluBackward0``), a node
   whose kept operands give its result by one replay (``GeluBackward0``,
-  ``AddmmBackward0``), or a node an earlier branch already resolved
+  ``AddmmBackward0``), a node rotated into a kept output (rotary embeddings, solved for:
+  :mod:`.rotation`), or a node an earlier branch already resolved
   (**aggregation**: several branches share one recovered value). The operand is
   then the forward chain replayed upwards from the Arg Node.
 * **Pre-Promise** - the paper lets a branch "reach ahead" of the traversal
@@ -51,6 +52,7 @@ from ..errors import UnrecoverableOperandError, UnsupportedOperationError
 from ..rules.base import OpSpec
 from .graph import LEAF_TYPE, AutogradGraph
 from .plan import Plan, Source
+from .rotation import rotation_of
 
 
 def output_kept_by_consumer(
@@ -447,6 +449,10 @@ class PromiseResolver:
         ]
 
     def _emit_replay(self, node: int, kept: tuple) -> None:
+        self.plan.add_replay(node, self.table[self.graph.types[node]], self._replay_sources(node, kept))
+        self._mark(node)
+
+    def _replay_sources(self, node: int, kept: tuple) -> tuple:
         sources: list[Optional[Source]] = []
         for slot, (child, k) in enumerate(self.graph.edges[node]):
             if kept[slot] is not None:
@@ -455,8 +461,53 @@ class PromiseResolver:
                 sources.append(("edge", child, k))
             else:
                 sources.append(None)
-        self.plan.add_replay(node, self.table[self.graph.types[node]], tuple(sources))
-        self._mark(node)
+        return tuple(sources)
+
+    def _chain_to_replay(self, node: int) -> Optional[list[int]]:
+        """``node`` and the nodes below it down to one that its kept operands and leaves (a bias)
+        replay: each above that one a single-operand routing node with an inverse. ``None`` if
+        there is no such chain."""
+        graph = self.graph
+        chain = [node]
+        for _ in range(MAX_ROUTING):
+            current = chain[-1]
+            spec = self.table.get(graph.types[current])
+            if spec is None or spec.forward is None:
+                return None
+            unknown = self._unknown_slots(current, self._kept_inputs(current))
+            if all(graph.types[graph.edges[current][slot][0]] == LEAF_TYPE for slot in unknown):
+                return chain
+            if spec.inverse is None or len(graph.edges[current]) != 1 or graph.edges[current][0][1] != 0:
+                return None
+            below = graph.edges[current][0][0]
+            if graph.types[below] == LEAF_TYPE or len(graph.nodes[below]._input_metadata) != 1:
+                return None
+            chain.append(below)
+        return None
+
+    def _emit_unrotate(self, node: int) -> bool:
+        """Plan ``node``'s value as the solution of a rotation whose output a consumer kept
+        (:mod:`.rotation`), with the nodes below it down to a replayable one; ``False`` if not."""
+        rotation = rotation_of(self.graph, self.table, self.consumers, node)
+        if rotation is None:
+            return False
+        output_recipe = output_rebuilt_by_routing(self.graph, self.table, self.consumers, rotation[0])
+        chain = self._chain_to_replay(node) if output_recipe is not None else None
+        if chain is None:
+            return False
+        bottom = chain[-1]
+        unknown = self._unknown_slots(bottom, self._kept_inputs(bottom))
+        for leaf in dict.fromkeys(self.graph.edges[bottom][slot][0] for slot in unknown):  # for the replay
+            self.plan.add_leaf(leaf)
+            self._mark(leaf)
+        replays = tuple(
+            (below, self.table[self.graph.types[below]], self._replay_sources(below, self._kept_inputs(below)))
+            for below in reversed(chain)
+        )
+        self.plan.add_unrotate(tuple(chain), rotation, output_recipe, replays)
+        for below in chain:
+            self._mark(below)
+        return True
 
     def _mark(self, node: int) -> None:
         assert node not in self.resolved, "invariant 1: a node's value is recovered once"
@@ -507,6 +558,11 @@ class PromiseResolver:
             if found is not None:
                 self.plan.add_kept_by_consumer(node, *found)
                 self._mark(node)
+                branch.arg = node
+                work.append(("finish", branch))
+                continue
+            # Rotated into a kept output (rotary embeddings): solved for instead of replayed.
+            if self._emit_unrotate(node):
                 branch.arg = node
                 work.append(("finish", branch))
                 continue

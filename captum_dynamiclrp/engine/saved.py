@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from .plan import CAPTURE, FROM_OUTPUT, KEPT_BY_CONSUMER, KEPT_OUTPUT, LEAF, PROPAGATE, REPLAY, Plan
+from .plan import CAPTURE, FROM_OUTPUT, KEPT_BY_CONSUMER, KEPT_OUTPUT, LEAF, PROPAGATE, REPLAY, UNROTATE, Plan
 from .promise import recipe_nodes
 
 _sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", None)
@@ -147,7 +147,8 @@ def saved_schedule(plan: Plan, num_nodes: int) -> tuple[list[int], dict[int, lis
     Readers of node ``j``'s saved state: its own rule (PROPAGATE, which may call the node), its
     replay (REPLAY), its kept output (KEPT_OUTPUT), and any step reading what ``j`` kept of a
     neighbour's value (KEPT_BY_CONSUMER from ``j``, a PROPAGATE whose output source is ``j``, a
-    FROM_OUTPUT whose origin's output ``j`` kept).
+    FROM_OUTPUT whose origin's output ``j`` kept), and an UNROTATE (the rotation's kept output,
+    its two products' constants, the chain it inverts or replays).
     """
     cached = plan.saved_schedule
     if cached is not None and cached[0] == num_nodes:
@@ -165,6 +166,10 @@ def saved_schedule(plan: Plan, num_nodes: int) -> tuple[list[int], dict[int, lis
             last[step[6][1]] = index  # what a consumer kept of this node's output
         elif kind == PROPAGATE and step[6] is not None and step[6][0] == "routed":
             for node in recipe_nodes(step[6][1]):  # copies of its parts, and the nodes that invert them
+                last[node] = index
+        elif kind == UNROTATE:  # the kept output, the two constants, the chain (inverses, replays)
+            _, cos_product, _, sin_product, _, _ = step[2]
+            for node in recipe_nodes(step[3]) + [cos_product, sin_product] + list(step[4]):
                 last[node] = index
         elif kind not in (PROPAGATE, REPLAY, KEPT_OUTPUT, LEAF, CAPTURE, FROM_OUTPUT):
             raise ValueError(f"unknown plan step kind {kind}")

@@ -27,7 +27,7 @@ from ..errors import DynamicLRPError, UnsupportedOperationError
 from ..rules import RULE_TABLE
 from ..rules.base import FOLDED_BIAS_SUM, OpSpec, RuleContext, RuleSettings
 from .graph import LEAF_TYPE, AutogradGraph, consumer_edges, relevant_nodes
-from .plan import CAPTURE, FROM_OUTPUT, KEPT_BY_CONSUMER, KEPT_OUTPUT, LEAF, PROPAGATE, REPLAY, Plan
+from .plan import CAPTURE, FROM_OUTPUT, KEPT_BY_CONSUMER, KEPT_OUTPUT, LEAF, PROPAGATE, REPLAY, UNROTATE, Plan
 from .promise import (
     PromiseResolver,
     output_kept_through_reshapes,
@@ -36,6 +36,7 @@ from .promise import (
     output_viewed_by_consumer,
     relevance_vanishes_where_rectified,
 )
+from .rotation import rotation_constants, unrotate
 from .saved import SavedTensorStore, saved_schedule
 
 
@@ -218,6 +219,22 @@ def _rebuilt(recipe: tuple, nodes: list) -> Tensor:
     return spec.inverse(nodes[routing_node], [_rebuilt(part, nodes) for part in parts])
 
 
+def _unrotated(step: tuple, nodes: list, values: dict) -> None:
+    """Run an UNROTATE step: solve for the rotated value, or replay the chain where that declines."""
+    _, _, rotation, output_recipe, chain, replays = step
+    c, s = rotation_constants(nodes, rotation)
+    value = None if c is None or s is None else unrotate(_rebuilt(output_recipe, nodes), c, s, rotation[5])
+    if value is None:
+        with torch.no_grad():
+            for node, spec, sources in replays:
+                values[node] = _as_tuple(spec.forward(nodes[node], _fetch(sources, nodes[node], spec, values)))
+        return
+    values[chain[0]] = (value,)
+    inverses = {node: spec.inverse for node, spec, _ in replays}
+    for upper, lower in zip(chain, chain[1:]):
+        values[lower] = (inverses[upper](nodes[upper], [values[upper][0]]),)
+
+
 def output_from_storage(kept: Tensor, node) -> Optional[Tensor]:
     """``node``'s output 0 (a fresh contiguous tensor) rebuilt from the storage of a view ``kept`` of it.
 
@@ -346,6 +363,8 @@ def execute(
             operand = spec.operand_from_output(nodes[origin], slot, output, _fetch(sources, None, spec, values))
             for node in chain:
                 values[node] = (_reshaped(operand, nodes[node]),)
+        elif kind == UNROTATE:
+            _unrotated(step, nodes, values)
         elif kind == CAPTURE:
             slots = relevance.get(i)
             results[step[3]] = None if slots is None else slots[step[2]]
