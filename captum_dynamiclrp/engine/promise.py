@@ -488,7 +488,7 @@ class PromiseResolver:
     def _emit_unrotate(self, node: int) -> bool:
         """Plan ``node``'s value as the solution of a rotation whose output a consumer kept
         (:mod:`.rotation`), with the nodes below it down to a replayable one; ``False`` if not."""
-        rotation = rotation_of(self.graph, self.table, self.consumers, node)
+        rotation = rotation_of(self.graph, self.consumers, node)
         if rotation is None:
             return False
         output_recipe = output_rebuilt_by_routing(self.graph, self.table, self.consumers, rotation[0])

@@ -30,12 +30,12 @@ replays the projection as before). The result differs from the forward's ``u`` b
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ..rules.base import OpSpec, saved, signed_dim
+from ..rules.base import saved, signed_dim
 from .graph import AutogradGraph
 
 # Readers of u examined, and reachable nodes in all: keeps the search O(1) per node.
@@ -43,7 +43,6 @@ _MAX_READERS = 8
 # A system whose squared Frobenius norm exceeds this multiple of |D| is refused (a rotation: 2).
 MAX_CONDITION = 4.0
 _PRECISE_ENOUGH = (torch.float32, torch.float64)
-_INT64_MAX = (1 << 63) - 1
 
 
 def _only_reader(consumers: Sequence[Sequence[tuple[int, int]]], node: int) -> Optional[tuple[int, int]]:
@@ -80,9 +79,7 @@ def _half_slice(graph: AutogradGraph, node: int, u: int, dim: int, half: int) ->
     return None
 
 
-def rotation_of(
-    graph: AutogradGraph, table: Mapping[str, OpSpec], consumers: Sequence[Sequence[tuple[int, int]]], u: int
-) -> Optional[tuple]:
+def rotation_of(graph: AutogradGraph, consumers: Sequence[Sequence[tuple[int, int]]], u: int) -> Optional[tuple]:
     """Whether ``u``'s output 0 is rotated: ``(sum, cos_product, cos_slot, sin_product, sin_slot, half)``.
 
     The pattern, in autograd nodes: an ``AddBackward0`` (alpha 1) of ``MulBackward0(u, c)`` and
@@ -90,6 +87,9 @@ def rotation_of(
     dimension, ``c`` and ``s`` untracked, float32 or float64. Other readers of ``u`` do not matter
     (this is about values only). The caller still needs a consumer that kept the sum's output.
     """
+    readers = consumers[u]
+    if not 3 <= len(readers) <= _MAX_READERS:  # the cheap test first: the walk asks at every node it passes
+        return None
     meta = graph.nodes[u]._input_metadata
     if len(meta) != 1 or meta[0].dtype not in _PRECISE_ENOUGH or len(meta[0].shape) == 0:
         return None
@@ -97,9 +97,6 @@ def rotation_of(
     if width < 2 or width % 2:
         return None
     half, dim = width // 2, len(meta[0].shape) - 1
-    readers = consumers[u]
-    if len(readers) > _MAX_READERS:
-        return None
     cos_product = cos_slot = None
     slices: dict[str, int] = {}
     for reader, slot in readers:
