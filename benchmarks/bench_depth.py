@@ -9,7 +9,8 @@ collector off while timing; the JSON also has medians), divided by the number of
 and the time per node added since the previous depth (the slope, free of each call's fixed
 cost). Flat columns mean O(nodes + edges).
 
-Run: ``python benchmarks/bench_depth.py [--repeats 25] [--json out.json] [--plot out.png]``
+Run: ``python benchmarks/bench_depth.py [--repeats 25] [--json out.json] [--plot out.png]``;
+``--device cuda`` (or ``auto``) runs the stacks on a GPU, synchronising before and after every timed call.
 """
 
 from __future__ import annotations
@@ -41,11 +42,11 @@ class Block(nn.Module):
         return h + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
 
 
-def build(depth: int, width: int) -> dict:
+def build(depth: int, width: int, device: str = "cpu") -> dict:
     """A stack of ``depth`` blocks, its input, and the number of nodes of its autograd graph."""
     torch.manual_seed(0)
-    model = nn.Sequential(*[Block(width) for _ in range(depth)]).eval()
-    x = torch.randn(1, 4, width, requires_grad=True)
+    model = nn.Sequential(*[Block(width) for _ in range(depth)]).eval().to(device)
+    x = torch.randn(1, 4, width, device=device, requires_grad=True)
     nodes = len(build_graph(model(x).sum(-1).grad_fn, (x,)).nodes)
     return {"depth": depth, "nodes": nodes, "model": model, "x": x, "engine": Engine(), "first": [], "cached": []}
 
@@ -59,20 +60,28 @@ def timed(call) -> float:
     gc.collect()
     gc.disable()
     try:
+        _synchronize()
         start = time.perf_counter()
         call()
+        _synchronize()
         return time.perf_counter() - start
     finally:
         gc.enable()
 
 
-def measure(depths: list[int], width: int, repeats: int) -> list[dict]:
+def _synchronize() -> None:
+    """Wait for queued GPU work, so that a timed call includes its kernels (no-op without CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def measure(depths: list[int], width: int, repeats: int, device: str = "cpu") -> list[dict]:
     """Time first and cached calls of every depth, the depths interleaved within each repeat.
 
     Interleaving spreads background load over all depths alike. Each depth reports the fastest of
     its repeats (on a shared machine noise only ever adds time) and the median.
     """
-    setups = [build(depth, width) for depth in depths]
+    setups = [build(depth, width, device) for depth in depths]
     for _ in range(repeats):
         for setup in setups:
             model, x = setup["model"], setup["x"]
@@ -111,9 +120,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto")
     args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here")
     torch.set_num_threads(1)
-    rows = measure(args.depths, args.width, args.repeats)
+    rows = measure(args.depths, args.width, args.repeats, args.device)
     add_marginal(rows)
     print(f"{'depth':>6} {'nodes':>7} {'first us/node':>14} {'cached us/node':>15} {'first us/added':>15} {'cached us/added':>16}")
     for r in rows:

@@ -30,6 +30,18 @@ def test_bench_engine_refuses_cuda_where_there_is_none():
         bench_engine.main(["--models", "mlp", "--device", "cuda"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_bench_depth_refuses_cuda_where_there_is_none():
+    with pytest.raises(SystemExit):
+        bench_depth.main(["--depths", "1", "--device", "cuda"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_depth_measure_runs_on_cuda():
+    rows = bench_depth.measure([1, 2], width=4, repeats=1, device="cuda")
+    assert rows[1]["nodes"] > rows[0]["nodes"] > 0 and all(r["cached_ms"] > 0 for r in rows)
+
+
 def test_depth_slope_removes_a_fixed_cost():
     # 5 ms per call plus 20 us per node: time per node falls with depth, the slope is flat at 20 us.
     rows = [{"nodes": n, "first_ms": 5 + 0.02 * n, "cached_ms": 5 + 0.02 * n} for n in (100, 200, 400)]
@@ -57,3 +69,77 @@ def test_depth_main_writes_json_and_plot(tmp_path, capsys):
     rows = json.loads((tmp_path / "d.json").read_text())
     assert [r["depth"] for r in rows] == [1, 2] and "first_us_per_added_node" in rows[1]
     assert (tmp_path / "d.png").stat().st_size > 0
+
+
+import run_all  # noqa: E402
+
+
+def _engine_row(model: str, batch: int, first: float, cached: float, memory: float) -> dict:
+    return {"model": model, "batch": batch, "time_ratio": {"first": first, "cached": cached},
+            "memory_ratio": {"first": memory, "cached": memory}}
+
+
+def _peer_row(part: str, model: str, ours_over_peer: float) -> dict:
+    return {"part": part, "model": model, "batch": 1, "rules": "epsilon",
+            "ours_over_peer": {"first": ours_over_peer, "cached": ours_over_peer},
+            "peer_over_ours": {"first": 1 / ours_over_peer, "cached": 1 / ours_over_peer}}
+
+
+def test_suite_verdicts_name_every_workload_that_misses_a_goal():
+    results = {
+        "engine.json": {"results": [_engine_row("mlp", 1, 0.9, 0.9, 1.0), _engine_row("resnet50", 8, 1.4, 1.25, 1.35)]},
+        "zoo-b1.json": {"results": [_engine_row("gpt2", 1, 1.0, 1.0, float("nan"))]},
+        "peers-lxt.json": {"results": [_peer_row("lxt", "llama", 1.1), _peer_row("zennit", "vgg16", 0.5)]},
+        "peers-zennit-ig.json": {"results": [_peer_row("ig", "resnet50", 1 / 15)]},
+        "depth.json": [{"nodes": 10}, {"nodes": 20, "first_us_per_added_node": 20.0, "cached_us_per_added_node": 10.0},
+                       {"nodes": 40, "first_us_per_added_node": 26.0, "cached_us_per_added_node": 11.0}],
+    }
+    verdicts = {v["goal"]: v for v in run_all.evaluate(results)}
+    assert verdicts["time first / IxG"]["met"] and verdicts["time first / IxG"]["worst"] == 1.4
+    assert not verdicts["time cached / IxG"]["met"]
+    assert verdicts["time cached / IxG"]["misses"] == ["resnet50 b8"]
+    # the NaN of a run without memory children is no measurement, not a pass or a miss
+    assert verdicts["memory / IxG"]["misses"] == ["resnet50 b8 first", "resnet50 b8 cached"]
+    assert verdicts["ours / Zennit"]["met"] and not verdicts["ours / LXT"]["met"]
+    assert not verdicts["IG(50) / ours"]["met"] and verdicts["IG(50) / ours"]["worst"] == pytest.approx(15)
+    depth = verdicts["depth: time per added node, max / min"]
+    assert depth["misses"] == ["first"] and depth["worst"] == pytest.approx(1.3)
+
+
+def test_suite_verdicts_say_not_measured_without_results():
+    verdicts = run_all.evaluate({})
+    assert len(verdicts) == len(run_all.GOALS)
+    assert all(v["met"] is None and v["worst"] is None for v in verdicts)
+    assert "not measured" in run_all.format_verdicts(verdicts)
+
+
+def test_suite_commands_skip_lxt_without_its_interpreter(tmp_path):
+    runs = dict(run_all.commands(tmp_path, run_all.PARTS, quick=False, device="cpu", lxt_python=str(tmp_path / "none")))
+    assert set(runs) == {"engine.json", "zoo-b1.json", "zoo-b8.json", "peers-zennit-ig.json", "depth.json"}
+    for name, argv in runs.items():
+        assert argv[-2:] == ["--json", str(tmp_path / name)]
+    quick = dict(run_all.commands(tmp_path, run_all.PARTS, quick=True, device="cpu", lxt_python=sys.executable))
+    assert set(quick) == {"engine.json", "depth.json"}
+
+
+def test_suite_quick_run_writes_summary(tmp_path, capsys):
+    assert run_all.main(["--quick", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    verdicts = {v["goal"]: v for v in summary["verdicts"]}
+    assert verdicts["time cached / IxG"]["worst"] > 0 and verdicts["time cached / IxG"]["worst_at"] == "mlp b1"
+    assert verdicts["depth: time per added node, max / min"]["worst"] >= 1.0
+    assert (tmp_path / "depth.png").stat().st_size > 0
+    assert "=== goals" in capsys.readouterr().out
+
+
+def test_suite_rerun_of_one_part_counts_the_others_from_the_folder(tmp_path, capsys):
+    depth = [{"nodes": 10}, {"nodes": 20, "first_us_per_added_node": 20.0, "cached_us_per_added_node": 10.0},
+             {"nodes": 40, "first_us_per_added_node": 30.0, "cached_us_per_added_node": 10.0}]
+    (tmp_path / "depth.json").write_text(json.dumps(depth))
+    (tmp_path / "unrelated.json").write_text("{}")
+    assert run_all.main(["--quick", "--parts", "engine", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["earlier_files"] == ["depth.json"]
+    verdicts = {v["goal"]: v for v in summary["verdicts"]}
+    assert verdicts["depth: time per added node, max / min"]["worst"] == pytest.approx(1.5)
+    assert "read from an earlier run: depth.json" in capsys.readouterr().out

@@ -1,0 +1,187 @@
+"""The whole performance suite in one command, and a verdict on every goal of the performance issue.
+
+Runs, each in its own process and one after the other (they would slow each other down in parallel):
+
+* ``engine``: ``bench_engine.py --repeats 5`` (MLP, ResNet-18, VGG-11 at batch 1 and 8);
+* ``zoo``: ``bench_engine.py`` at the zoo's benchmark sizes (ResNet-50, ViT-B/16, GPT-2 small, an 8-layer
+  Llama), batch 1 with ``--repeats 5`` and batch 8 with ``--repeats 3``;
+* ``peers``: ``bench_peers.py`` against LXT (``--repeats 11``, only where ``--lxt-python`` exists), then
+  Zennit and IntegratedGradients(n_steps=50) at batch 1 (``--repeats 3``);
+* ``depth``: ``bench_depth.py`` (4 to 64 blocks) with its plot.
+
+Every script writes its JSON into ``--out`` (default ``benchmarks/results/``); this one then reads them back,
+prints one line per goal with the worst measured ratio and whether it is met, and writes ``summary.json``.
+``--parts`` reruns some parts only; the others then count with their JSON from an earlier run in ``--out``
+(the summary names those files).
+The goals (ratios measured in one run, never absolute times):
+
+* ``DynamicLRP / InputXGradient`` time <= 1.5 on the first call and <= 1.2 with a cached plan;
+* peak memory <= 1.3x that of ``InputXGradient``;
+* faster than Zennit and LXT with the same rules (ours / peer < 1);
+* ``IntegratedGradients(50) / ours`` >= 20;
+* time per added autograd node flat within 20% as depth doubles (max / min <= 1.2).
+
+``--device cuda`` (or ``auto``) runs the engine, zoo and depth parts on a GPU; the peer part runs on the CPU. ``--quick`` shrinks every part to a smoke test (seconds, no memory children; its figures mean nothing).
+The full suite takes about an hour on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+HERE = Path(__file__).resolve().parent
+PARTS = ("engine", "zoo", "peers", "depth")
+RESULT_FILES = ("engine.json", "zoo-b1.json", "zoo-b8.json", "peers-lxt.json", "peers-zennit-ig.json", "depth.json")
+DEFAULT_LXT_PYTHON = "/work/venv-lxt/bin/python"
+
+# Goal name -> (limit, True if the measured value must stay at or below it, False if at or above).
+GOALS: dict[str, tuple[float, bool]] = {
+    "time first / IxG": (1.5, True),
+    "time cached / IxG": (1.2, True),
+    "memory / IxG": (1.3, True),
+    "ours / Zennit": (1.0, True),
+    "ours / LXT": (1.0, True),
+    "IG(50) / ours": (20.0, False),
+    "depth: time per added node, max / min": (1.2, True),
+}
+
+
+def commands(out: Path, parts: Iterable[str], quick: bool, device: str, lxt_python: str) -> list[tuple[str, list[str]]]:
+    """The benchmark invocations of the chosen parts, as (JSON file name, argv) pairs."""
+    engine, peers, depth = (str(HERE / name) for name in ("bench_engine.py", "bench_peers.py", "bench_depth.py"))
+    python = sys.executable
+    runs: list[tuple[str, list[str]]] = []
+    if "engine" in parts:
+        shrink = ["--models", "mlp", "--batch", "1", "--repeats", "1", "--no-memory"] if quick else ["--repeats", "5"]
+        runs.append(("engine.json", [python, engine, *shrink, "--device", device]))
+    if "zoo" in parts and not quick:
+        zoo = ["--models", "resnet50", "vit_b16", "gpt2", "llama8"]
+        runs.append(("zoo-b1.json", [python, engine, *zoo, "--batch", "1", "--repeats", "5", "--device", device]))
+        runs.append(("zoo-b8.json", [python, engine, *zoo, "--batch", "8", "--repeats", "3", "--device", device]))
+    if "peers" in parts and not quick:
+        if Path(lxt_python).exists():
+            runs.append(("peers-lxt.json", [python, peers, "--parts", "lxt", "--repeats", "11",
+                                            "--lxt-python", lxt_python]))
+        runs.append(("peers-zennit-ig.json", [python, peers, "--parts", "zennit", "ig", "--batch", "1",
+                                              "--repeats", "3", "--lxt-python", lxt_python]))
+    if "depth" in parts:
+        shrink = ["--depths", "1", "2", "4", "--width", "4", "--repeats", "1"] if quick else []
+        runs.append(("depth.json", [python, depth, *shrink, "--device", device, "--plot", str(out / "depth.png")]))
+    return [(name, argv + ["--json", str(out / name)]) for name, argv in runs]
+
+
+def _worst(values: list[tuple[float, str]], at_most: bool) -> Optional[tuple[float, str]]:
+    if not values:
+        return None
+    return max(values) if at_most else min(values)
+
+
+def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One verdict per goal from the scripts' JSON payloads (keyed by file name).
+
+    Each verdict holds the worst measured value and where it was measured, the limit, whether it
+    is met, and every workload that misses it. Goals with no measurement are reported as not measured.
+    """
+    measured: dict[str, list[tuple[float, str]]] = {goal: [] for goal in GOALS}
+    for name, payload in results.items():
+        if name.startswith(("engine", "zoo")):
+            for row in payload["results"]:
+                where = f"{row['model']} b{row['batch']}"
+                measured["time first / IxG"].append((row["time_ratio"]["first"], where))
+                measured["time cached / IxG"].append((row["time_ratio"]["cached"], where))
+                for kind in ("first", "cached"):
+                    ratio = row["memory_ratio"][kind]
+                    if ratio == ratio:  # NaN when the memory children were skipped
+                        measured["memory / IxG"].append((ratio, f"{where} {kind}"))
+        elif name.startswith("peers"):
+            for row in payload["results"]:
+                where = f"{row['model']} b{row['batch']} {row['rules']}"
+                for kind in ("first", "cached"):
+                    if row["part"] == "zennit":
+                        measured["ours / Zennit"].append((row["ours_over_peer"][kind], f"{where} {kind}"))
+                    elif row["part"] == "lxt":
+                        measured["ours / LXT"].append((row["ours_over_peer"][kind], f"{where} {kind}"))
+                    elif row["part"] == "ig":
+                        measured["IG(50) / ours"].append((row["peer_over_ours"][kind], f"{where} {kind}"))
+        elif name.startswith("depth"):
+            for kind in ("first", "cached"):
+                slopes = [row[f"{kind}_us_per_added_node"] for row in payload if f"{kind}_us_per_added_node" in row]
+                if len(slopes) >= 2 and min(slopes) > 0:
+                    measured["depth: time per added node, max / min"].append((max(slopes) / min(slopes), kind))
+    verdicts = []
+    for goal, (limit, at_most) in GOALS.items():
+        values = measured[goal]
+        worst = _worst(values, at_most)
+        misses = [where for value, where in values if (value > limit if at_most else value < limit)]
+        verdicts.append({
+            "goal": goal,
+            "limit": limit,
+            "at_most": at_most,
+            "worst": None if worst is None else worst[0],
+            "worst_at": None if worst is None else worst[1],
+            "met": None if worst is None else not misses,
+            "misses": misses,
+        })
+    return verdicts
+
+
+def format_verdicts(verdicts: list[dict[str, Any]]) -> str:
+    header = f"{'goal':<40} {'limit':>8} {'worst':>7}  {'met':<5} where / misses"
+    lines = [header, "-" * len(header)]
+    for v in verdicts:
+        limit = ("<= " if v["at_most"] else ">= ") + f"{v['limit']:g}"
+        if v["worst"] is None:
+            lines.append(f"{v['goal']:<40} {limit:>8} {'-':>7}  {'-':<5} not measured")
+            continue
+        detail = v["worst_at"] if v["met"] else "misses: " + ", ".join(v["misses"])
+        lines.append(f"{v['goal']:<40} {limit:>8} {v['worst']:>7.2f}  {'yes' if v['met'] else 'NO':<5} {detail}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the JSON files and plot")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--quick", action="store_true", help="smoke test: tiny workloads, figures meaningless")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto, for every part but the peers")
+    parser.add_argument("--lxt-python", default=DEFAULT_LXT_PYTHON, help="interpreter with LXT 2.1 and transformers 4.52")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    results: dict[str, Any] = {}
+    runs = commands(args.out, args.parts, args.quick, args.device, args.lxt_python)
+    for step, (name, command) in enumerate(runs, 1):
+        print(f"\n=== [{step}/{len(runs)}, {time.perf_counter() - started:.0f} s] {' '.join(command[1:])}", flush=True)
+        finished = subprocess.run(command)
+        if finished.returncode != 0:
+            print(f"{name}: the benchmark failed (exit status {finished.returncode}); its goals are not measured")
+            continue
+        results[name] = json.loads((args.out / name).read_text())
+
+    # Parts not run this time count with their files from an earlier run in the same folder (named);
+    # a part that failed this time does not fall back on an older file.
+    attempted = {name for name, _ in runs}
+    failed = attempted - set(results)
+    earlier = sorted(path.name for path in args.out.glob("*.json")
+                     if path.name in RESULT_FILES and path.name not in attempted)
+    for name in earlier:
+        results[name] = json.loads((args.out / name).read_text())
+    verdicts = evaluate(results)
+    print(f"\n=== goals ({time.perf_counter() - started:.0f} s in all; JSON and plot in {args.out}/)")
+    if earlier:
+        print(f"read from an earlier run: {', '.join(earlier)}")
+    print(format_verdicts(verdicts))
+    summary = {"commands": [command[1:] for _, command in runs], "earlier_files": earlier, "verdicts": verdicts}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
