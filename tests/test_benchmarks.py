@@ -143,3 +143,10 @@ def test_suite_rerun_of_one_part_counts_the_others_from_the_folder(tmp_path, cap
     verdicts = {v["goal"]: v for v in summary["verdicts"]}
     assert verdicts["depth: time per added node, max / min"]["worst"] == pytest.approx(1.5)
     assert "read from an earlier run: depth.json" in capsys.readouterr().out
+
+
+def test_suite_quick_run_keeps_out_of_the_real_results_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_all.main(["--quick", "--parts", "depth"]) == 0
+    assert (tmp_path / "benchmarks" / "results" / "quick" / "summary.json").exists()
+    assert not (tmp_path / "benchmarks" / "results" / "depth.json").exists()
