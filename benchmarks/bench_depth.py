@@ -25,6 +25,8 @@ import time
 import torch
 from torch import nn
 
+import child_process
+
 from captum_dynamiclrp.engine import Engine, build_graph
 
 
@@ -122,10 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", default=None)
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto")
     args = parser.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available here")
+    args.device = child_process.resolve_device(parser, args.device)
     torch.set_num_threads(1)
     rows = measure(args.depths, args.width, args.repeats, args.device)
     add_marginal(rows)

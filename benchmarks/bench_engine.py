@@ -358,10 +358,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available here")
+    args.device = child_process.resolve_device(parser, args.device)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     rows = []

@@ -1,4 +1,4 @@
-"""Running a benchmark script's measurement in a fresh child process (shared by the benchmarks)."""
+"""Helpers shared by the benchmark scripts: a measurement in a fresh child process, the device to run on."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import argparse
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -29,3 +30,14 @@ def run_child(script: str, spec: dict, python: str = sys.executable, env: Option
     if proc.returncode != 0:
         raise RuntimeError(f"child {spec} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def resolve_device(parser: argparse.ArgumentParser, device: str) -> str:
+    """``--device`` as given, with ``auto`` meaning CUDA where available; a parser error asking for absent CUDA."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {device}: CUDA is not available here")
+    return device

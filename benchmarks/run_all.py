@@ -36,10 +36,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from bench_peers import DEFAULT_LXT_PYTHON
+
 HERE = Path(__file__).resolve().parent
 PARTS = ("engine", "zoo", "peers", "depth")
-RESULT_FILES = ("engine.json", "zoo-b1.json", "zoo-b8.json", "peers-lxt.json", "peers-zennit-ig.json", "depth.json")
-DEFAULT_LXT_PYTHON = "/work/venv-lxt/bin/python"
 
 # Goal name -> (limit, True if the measured value must stay at or below it, False if at or above).
 GOALS: dict[str, tuple[float, bool]] = {
@@ -173,8 +173,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     # a part that failed this time does not fall back on an older file.
     attempted = {name for name, _ in runs}
     failed = attempted - set(results)
+    every_part = {name for name, _ in commands(args.out, PARTS, False, args.device, lxt_python=sys.executable)}
     earlier = sorted(path.name for path in args.out.glob("*.json")
-                     if path.name in RESULT_FILES and path.name not in attempted)
+                     if path.name in every_part and path.name not in attempted)
     for name in earlier:
         results[name] = json.loads((args.out / name).read_text())
     verdicts = evaluate(results)
