@@ -297,6 +297,29 @@ def test_rectified_output_falls_back_where_relevance_sits_on_a_cut_unit():
                                rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_stabilize_gives_the_bits_of_its_definition(dtype, layout):
+    # The definition read literally: z + eps where the sign bit is clear, z - eps where it is set
+    # (so -0 goes to -eps), each one rounded add in z's dtype.
+    eps = 1e-6
+    tiny = torch.finfo(dtype).tiny
+    special = [0.0, -0.0, eps, -eps, eps / 3, -eps / 3, tiny, -tiny, 1.0, -1.0, 3e4, -3e4,
+               float("inf"), float("-inf"), float("nan")]
+    values = torch.cat([torch.tensor(special, dtype=torch.float64),
+                        torch.randn(241, generator=torch.Generator().manual_seed(0), dtype=torch.float64).mul_(1e-5)])
+    z = values.to(dtype).view(16, 16)
+    if layout == "transposed":
+        z = z.t()
+    before = z.clone()
+    got = base.stabilize(z, eps)
+    want = torch.where(torch.signbit(z), z - eps, z + eps)
+    assert got.dtype == dtype and got.shape == z.shape
+    assert torch.equal(torch.signbit(got), torch.signbit(want))
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(z, before, rtol=0, atol=0, equal_nan=True)  # z itself is left alone
+
+
 def test_ratio_given_rectified_is_exact_or_declines():
     z = torch.tensor([[1.5, -2.0, 0.0, 3.0]], dtype=DT)
     y = z.clamp(min=0)

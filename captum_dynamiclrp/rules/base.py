@@ -35,14 +35,24 @@ def signed_dim(dim: int) -> int:
     return dim - _UINT64 if dim >= (1 << 63) else dim
 
 
+# Dtypes whose scalar add rounds epsilon to the dtype first, as a 0-d tensor of that dtype does.
+_EPSILON_EXACT = frozenset({torch.float32, torch.float64})
+
+
 def stabilize(z: Tensor, eps: float) -> Tensor:
     r"""Epsilon stabiliser :math:`z + \epsilon\,\mathrm{sign}(z)` with :math:`\mathrm{sign}(+0) = +1`.
 
     Never a bare ``z + eps``: a negative pre-activation must move away from zero too.
-    Computed as :math:`\mathrm{copysign}(|z| + \epsilon, z)` in one new buffer: the same bits
-    (IEEE rounding is symmetric, and ``-0`` gets :math:`-\epsilon`), and faster than copying
-    the sign onto a broadcast scalar. No host synchronisation.
+    In float32 and float64, :math:`z + \mathrm{copysign}(\epsilon, z)`: two passes over one new
+    buffer (the sign copied onto a broadcast 0-d tensor, then the add). Other dtypes compute
+    :math:`|z| + \epsilon` in a wider type before rounding, which a pre-rounded :math:`\epsilon`
+    would not match, so they take :math:`\mathrm{copysign}(|z| + \epsilon, z)`: three passes.
+    Both give the bits of the definition (IEEE rounding is symmetric; ``-0`` gets
+    :math:`-\epsilon`). No host synchronisation.
     """
+    if z.dtype in _EPSILON_EXACT:
+        # A 0-d CPU tensor broadcasts on every device without a copy; its dtype follows z's.
+        return torch.copysign(torch.tensor(eps, dtype=z.dtype), z).add_(z)
     return z.abs().add_(eps).copysign_(z)
 
 
