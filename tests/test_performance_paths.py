@@ -297,9 +297,13 @@ def test_rectified_output_falls_back_where_relevance_sits_on_a_cut_unit():
                                rtol=0, atol=0)
 
 
+_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
-def test_stabilize_gives_the_bits_of_its_definition(dtype, layout):
+def test_stabilize_gives_the_bits_of_its_definition(dtype, layout, device):
     # The definition read literally: z + eps where the sign bit is clear, z - eps where it is set
     # (so -0 goes to -eps), each one rounded add in z's dtype.
     eps = 1e-6
@@ -308,13 +312,13 @@ def test_stabilize_gives_the_bits_of_its_definition(dtype, layout):
                float("inf"), float("-inf"), float("nan")]
     values = torch.cat([torch.tensor(special, dtype=torch.float64),
                         torch.randn(241, generator=torch.Generator().manual_seed(0), dtype=torch.float64).mul_(1e-5)])
-    z = values.to(dtype).view(16, 16)
+    z = values.to(dtype=dtype, device=device).view(16, 16)
     if layout == "transposed":
         z = z.t()
     before = z.clone()
     got = base.stabilize(z, eps)
     want = torch.where(torch.signbit(z), z - eps, z + eps)
-    assert got.dtype == dtype and got.shape == z.shape
+    assert got.dtype == dtype and got.shape == z.shape and got.device == z.device
     assert torch.equal(torch.signbit(got), torch.signbit(want))
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(z, before, rtol=0, atol=0, equal_nan=True)  # z itself is left alone
