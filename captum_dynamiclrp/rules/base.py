@@ -13,6 +13,7 @@ The engine never special-cases a node type: everything it knows about an op is h
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -39,6 +40,17 @@ def signed_dim(dim: int) -> int:
 _EPSILON_EXACT = frozenset({torch.float32, torch.float64})
 
 
+@functools.lru_cache(maxsize=16)
+def _epsilon_scalar(eps: float, dtype: torch.dtype) -> Tensor:
+    """``eps`` as a 0-d CPU tensor of ``dtype``: it broadcasts on every device without a copy.
+
+    Made once per (eps, dtype), not once per rule call; never an inference tensor (it may be
+    first asked for inside ``torch.inference_mode``), and never written to.
+    """
+    with torch.inference_mode(False):
+        return torch.tensor(eps, dtype=dtype)
+
+
 def stabilize(z: Tensor, eps: float) -> Tensor:
     r"""Epsilon stabiliser :math:`z + \epsilon\,\mathrm{sign}(z)` with :math:`\mathrm{sign}(+0) = +1`.
 
@@ -51,8 +63,7 @@ def stabilize(z: Tensor, eps: float) -> Tensor:
     :math:`-\epsilon`). No host synchronisation.
     """
     if z.dtype in _EPSILON_EXACT:
-        # A 0-d CPU tensor broadcasts on every device without a copy; its dtype follows z's.
-        return torch.copysign(torch.tensor(eps, dtype=z.dtype), z).add_(z)
+        return torch.copysign(_epsilon_scalar(eps, z.dtype), z).add_(z)
     return z.abs().add_(eps).copysign_(z)
 
 
