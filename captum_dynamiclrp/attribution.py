@@ -185,6 +185,9 @@ class DynamicLRP(Attribution):
             mapping of per-op overrides applied on the default preset.
         epsilon (float, optional): Stabiliser; overrides the preset's (default 1e-6).
         gamma (float, optional): Gamma of the ``"gamma"`` preset (default 0.25).
+        batch_norm (str, optional): ``"merge"`` merges each batch norm into the convolution
+            before it (as Zennit's canonizers do; faster, and equal to LRP on the canonized
+            network); overrides the preset's (default ``"epsilon"``: a layer of its own).
         fallback (bool, optional): Split relevance evenly over the inputs of ops with no
             rule instead of raising :class:`~captum_dynamiclrp.errors.UnsupportedOperationError`.
             Off by default; fallback ops are listed in ``last_fallback_ops``.
@@ -204,9 +207,10 @@ class DynamicLRP(Attribution):
         gamma: Optional[float] = None,
         fallback: bool = False,
         cache_size: int = 8,
+        batch_norm: Optional[str] = None,
     ) -> None:
         super().__init__(forward_func)
-        self.preset = resolve_preset(rules, epsilon=epsilon, gamma=gamma)
+        self.preset = resolve_preset(rules, epsilon=epsilon, gamma=gamma, batch_norm=batch_norm)
         self.engine = Engine(
             settings=self.preset.settings(),
             overrides=self.preset.table_overrides(),

@@ -50,7 +50,7 @@ class Engine:
     r"""Operation-level LRP over autograd graphs, with cached promise paths.
 
     Args:
-        settings (RuleSettings, optional): Epsilon, linear rule and gamma.
+        settings (RuleSettings, optional): Epsilon, linear rule, gamma, attention and batch-norm rule.
         overrides (Mapping[str, OpSpec], optional): Rule table entries that replace or
             extend the built-in table, keyed by autograd node type name.
         fallback (bool, optional): If True, node types without a rule split relevance
@@ -69,6 +69,8 @@ class Engine:
         cache_size: int = 8,
     ) -> None:
         self.settings = settings or RuleSettings()
+        if self.settings.batch_norm not in ("epsilon", "merge"):
+            raise ValueError(f"unknown batch_norm rule {self.settings.batch_norm!r}; use 'epsilon' or 'merge'")
         self.table: dict[str, OpSpec] = {**RULE_TABLE, **(overrides or {})}
         self.fallback = FALLBACK_SPEC if fallback else None
         self.cache = PlanCache(cache_size)
@@ -138,7 +140,7 @@ class Engine:
         plan = self.cache.get(graph.signature)
         cached = plan is not None
         if plan is None:
-            plan = build_plan(graph, self.table, self.fallback)
+            plan = build_plan(graph, self.table, self.fallback, merge_affine=self.settings.batch_norm == "merge")
             self.cache.put(graph.signature, plan)
         self.last_run = RunInfo(plan=plan, cached=cached)
         seed_box = [seed]

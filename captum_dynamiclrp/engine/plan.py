@@ -96,9 +96,11 @@ class Plan:
         edges: tuple,
         output_source: Optional[tuple],
         bias_source: Optional[Source] = None,
+        affine_source: Optional[tuple] = None,
     ) -> None:
-        # bias_source: where the value of a bias folded into this node's rule comes from.
-        self.steps.append((PROPAGATE, node, spec, sources, relevant, edges, output_source, bias_source))
+        # bias_source: where the value of a bias folded into this node's rule comes from;
+        # affine_source: (node, spec, sources) of a batch norm merged into it (spec.affine).
+        self.steps.append((PROPAGATE, node, spec, sources, relevant, edges, output_source, bias_source, affine_source))
 
     def add_capture(self, node: int, output_nr: int, request: int) -> None:
         self.steps.append((CAPTURE, node, output_nr, request))
@@ -112,7 +114,8 @@ class Plan:
         last_use: dict[int, int] = {}
         for index, step in enumerate(self.steps):
             if step[0] in (PROPAGATE, REPLAY):
-                for source in step[3] + step[7:8]:  # a PROPAGATE step's folded bias is read too
+                merged = step[8][2] if step[0] == PROPAGATE and step[8] is not None else ()
+                for source in step[3] + step[7:8] + merged:  # a folded bias, a merged batch norm's bias
                     if source is not None and source[0] == "edge":
                         last_use[source[1]] = index
                 if step[0] == PROPAGATE and step[6] is not None and step[6][0] == "value":

@@ -147,7 +147,7 @@ def saved_schedule(plan: Plan, num_nodes: int) -> tuple[list[int], dict[int, lis
     Readers of node ``j``'s saved state: its own rule (PROPAGATE, which may call the node), its
     replay (REPLAY), its kept output (KEPT_OUTPUT), and any step reading what ``j`` kept of a
     neighbour's value (KEPT_BY_CONSUMER from ``j``, a PROPAGATE whose output source is ``j``, a
-    FROM_OUTPUT whose origin's output ``j`` kept), and an UNROTATE (the rotation's kept output,
+    FROM_OUTPUT whose origin's output ``j`` kept, a PROPAGATE that merged ``j``'s batch norm), and an UNROTATE (the rotation's kept output,
     its two products' constants, the chain it inverts or replays).
     """
     cached = plan.saved_schedule
@@ -158,6 +158,8 @@ def saved_schedule(plan: Plan, num_nodes: int) -> tuple[list[int], dict[int, lis
         kind = step[0]
         if kind in (PROPAGATE, REPLAY, KEPT_OUTPUT):
             last[step[1]] = index
+        if kind == PROPAGATE and step[8] is not None:
+            last[step[8][0]] = index  # a batch norm merged into this step: its saved statistics
         if kind == KEPT_BY_CONSUMER:
             last[step[2]] = index
         elif kind == FROM_OUTPUT:

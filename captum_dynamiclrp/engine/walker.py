@@ -14,6 +14,11 @@ Bias folding (:func:`bias_folds`): a linear map whose bias PyTorch added by a
 separate sum (``mm`` + ``add`` instead of one ``addmm``, depending on memory
 layout) gets that bias in its own rule, and the sum passes relevance on
 unchanged, so both spellings of one layer give the same relevance.
+
+Batch-norm merging (:func:`affine_merges`, setting ``batch_norm="merge"``): a convolution whose
+output only a batch norm reads gets that batch norm's per-channel scale and shift in its own rule
+(``RuleContext.affine``), with the batch norm's output as its own, and the batch norm passes
+relevance on unchanged.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from torch import Tensor
 
 from ..errors import DynamicLRPError, UnsupportedOperationError
 from ..rules import RULE_TABLE
-from ..rules.base import FOLDED_BIAS_SUM, OpSpec, RuleContext, RuleSettings
+from ..rules.base import FOLDED_BIAS_SUM, MERGED_AFFINE, OpSpec, RuleContext, RuleSettings
 from .graph import LEAF_TYPE, AutogradGraph, consumer_edges, relevant_nodes
 from .plan import CAPTURE, FROM_OUTPUT, KEPT_BY_CONSUMER, KEPT_OUTPUT, LEAF, PROPAGATE, REPLAY, UNROTATE, Plan
 from .promise import (
@@ -44,8 +49,12 @@ class NotConnectedError(DynamicLRPError):
     """The output does not depend on any requested tensor."""
 
 
-def build_plan(graph: AutogradGraph, table: Mapping[str, OpSpec], fallback: Optional[OpSpec] = None) -> Plan:
-    """Traverse the pruned graph in Kahn order (depth-first among ready nodes) and plan every step."""
+def build_plan(graph: AutogradGraph, table: Mapping[str, OpSpec], fallback: Optional[OpSpec] = None,
+               merge_affine: bool = False) -> Plan:
+    """Traverse the pruned graph in Kahn order (depth-first among ready nodes) and plan every step.
+
+    ``merge_affine``: merge batch norms into the convolutions before them (:func:`affine_merges`).
+    """
     consumers = consumer_edges(graph)
     cut = constant_edges(graph, table, consumers)
     reach = relevant_nodes(graph, consumers, cut)
@@ -58,6 +67,8 @@ def build_plan(graph: AutogradGraph, table: Mapping[str, OpSpec], fallback: Opti
     edges, types, nodes = graph.edges, graph.types, graph.nodes
     folds = bias_folds(graph, table, consumers, reach, cut)
     folded_sums = {sum_node for sum_node, _ in folds.values()}
+    merges = affine_merges(graph, table, consumers, reach, cut) if merge_affine else {}
+    merged_affines = set(merges.values())
     pending = [0] * len(nodes)
     for i, node_edges in enumerate(edges):
         if reach[i]:
@@ -77,33 +88,15 @@ def build_plan(graph: AutogradGraph, table: Mapping[str, OpSpec], fallback: Opti
             plan.add_capture(i, output_nr, request)
         relevant = _relevant_slots(graph, reach, cut, i)
         if types[i] != LEAF_TYPE and any(relevant):
-            spec = FOLDED_BIAS_SUM if i in folded_sums else table.get(types[i])
+            spec = FOLDED_BIAS_SUM if i in folded_sums else MERGED_AFFINE if i in merged_affines else table.get(types[i])
             if spec is None:
                 if fallback is None:
                     raise UnsupportedOperationError(types[i])
                 spec = fallback
                 plan.fallback_nodes.append(types[i])
             output_source = None
-            if spec.uses_output:
-                found = output_kept_through_reshapes(graph, table, consumers, i)
-                output_source = ("consumer",) + found if found else (("root",) if i == 0 else None)
-                if output_source is None and i in resolver.resolved:
-                    # A consumer's promise already rebuilt this output (e.g. the branch of a
-                    # residual sum): reuse that value instead of recomputing it.
-                    output_source = ("value", i)
-                if output_source is None and spec.fresh_output and spec.needs_given_output is None:
-                    viewed = output_viewed_by_consumer(graph, table, consumers, i)  # q/k/v into attention
-                    output_source = ("storage",) + viewed if viewed else None
-                if output_source is None:  # copies of its parts kept behind splits and transposes
-                    routed = output_rebuilt_by_routing(graph, table, consumers, i)
-                    output_source = ("routed", routed) if routed else None
-                if output_source is None:  # max(output, 0) from a ReLU: exact where relevance allows
-                    rectified = output_rectified_by_consumer(graph, table, consumers, i)
-                    if rectified:  # proven: no check of R against max(output, 0) when run
-                        proven = relevance_vanishes_where_rectified(
-                            graph, table, consumers, i, rectified[0], folded_sums
-                        )
-                        output_source = ("rectified",) + rectified + (proven,)
+            if spec.uses_output:  # a merged map's output is that of the batch norm after it
+                output_source = _output_source(graph, table, consumers, resolver, merges.get(i, i), spec, folded_sums)
             # "rectified" and "storage" may decline when read: the rule then recomputes its output.
             exact_output = output_source is not None and output_source[0] not in ("rectified", "storage")
             needs = spec.needs_given_output if (exact_output and spec.needs_given_output) else spec.needs
@@ -113,7 +106,13 @@ def build_plan(graph: AutogradGraph, table: Mapping[str, OpSpec], fallback: Opti
                 sum_node, bias_slot = folds[i]
                 bias_source = resolver.input_sources(sum_node, (bias_slot,))[bias_slot]
                 assert bias_source is not None and bias_source[0] == "edge", "a folded bias is a tracked operand"
-            plan.add_propagate(i, spec, tuple(sources), relevant, edges[i], output_source, bias_source)
+            affine_source = None
+            if i in merges:  # the merged batch norm's constants: its saved statistics and its bias
+                affine = merges[i]
+                affine_spec = table[types[affine]]
+                needs = affine_spec.affine_needs(nodes[affine]) if affine_spec.affine_needs else ()
+                affine_source = (affine, affine_spec, tuple(resolver.input_sources(affine, needs)))
+            plan.add_propagate(i, spec, tuple(sources), relevant, edges[i], output_source, bias_source, affine_source)
         # Depth-first heuristic: push in reverse so the first operand is explored first.
         for slot in range(len(edges[i]) - 1, -1, -1):
             child = edges[i][slot][0]
@@ -124,6 +123,32 @@ def build_plan(graph: AutogradGraph, table: Mapping[str, OpSpec], fallback: Opti
     plan.promises = resolver.promises
     plan.release_after_last_use()
     return plan
+
+
+def _output_source(graph: AutogradGraph, table: Mapping[str, OpSpec], consumers: list, resolver: PromiseResolver,
+                   i: int, spec: OpSpec, folded_sums: AbstractSet[int]) -> Optional[tuple]:
+    """Where node ``i``'s output can be read instead of recomputed (see :mod:`.plan`), or ``None``."""
+    found = output_kept_through_reshapes(graph, table, consumers, i)
+    if found:
+        return ("consumer",) + found
+    if i == 0:
+        return ("root",)
+    if i in resolver.resolved:
+        # A consumer's promise already rebuilt this output (e.g. the branch of a residual sum):
+        # reuse that value instead of recomputing it.
+        return ("value", i)
+    if spec.fresh_output and spec.needs_given_output is None:
+        viewed = output_viewed_by_consumer(graph, table, consumers, i)  # q/k/v into attention
+        if viewed:
+            return ("storage",) + viewed
+    routed = output_rebuilt_by_routing(graph, table, consumers, i)  # copies of its parts behind splits
+    if routed:
+        return ("routed", routed)
+    rectified = output_rectified_by_consumer(graph, table, consumers, i)
+    if rectified:  # max(output, 0) from a ReLU: exact where relevance allows; proven: no check when run
+        proven = relevance_vanishes_where_rectified(graph, table, consumers, i, rectified[0], folded_sums)
+        return ("rectified",) + rectified + (proven,)
+    return None
 
 
 def constant_edges(
@@ -183,6 +208,44 @@ def bias_folds(
         ):
             folds[i] = found
     return folds
+
+
+def affine_merges(
+    graph: AutogradGraph,
+    table: Mapping[str, OpSpec],
+    consumers: list[list[tuple[int, int]]],
+    reach: list[bool],
+    cut: AbstractSet[tuple[int, int]],
+) -> dict[int, int]:
+    """Convolutions that take over the batch norm reading their output: ``{linear node: batch norm node}``.
+
+    Both must have their built-in rules (a rule the user gave is never bypassed), the linear map's
+    output must have that batch norm as its only reader, relevance must flow into the map's input
+    alone and into nothing of the batch norm but its input, and the batch norm's coefficients must
+    be known (``OpSpec.affine_needs``). O(1) per node.
+    """
+    merges: dict[int, int] = {}
+    captured = {node for node, _, _ in graph.sinks}  # a requested tensor's relevance is read there
+    for i, name in enumerate(graph.types):
+        spec = table.get(name)
+        if not reach[i] or spec is None or spec.merges_affine is None or spec is not RULE_TABLE.get(name):
+            continue
+        if len(consumers[i]) != 1 or consumers[i][0][1] != 0 or i in captured:
+            continue
+        affine = consumers[i][0][0]
+        affine_spec = table.get(graph.types[affine])
+        if affine_spec is None or affine_spec.affine is None or affine_spec is not RULE_TABLE.get(graph.types[affine]):
+            continue
+        needs = affine_spec.affine_needs(graph.nodes[affine]) if affine_spec.affine_needs else ()
+        if needs is None:
+            continue
+        if affine in captured or not spec.merges_affine(graph.nodes[i]):
+            continue
+        relevant, affine_relevant = _relevant_slots(graph, reach, cut, i), _relevant_slots(graph, reach, cut, affine)
+        if not relevant[0] or any(relevant[1:]) or any(affine_relevant[1:]):
+            continue
+        merges[i] = affine
+    return merges
 
 
 def _as_tuple(value) -> tuple:
@@ -267,7 +330,7 @@ def _propagate(step: tuple, nodes: list, relevance: dict, values: dict, root: tu
     ``last_read``: nodes whose saved tensors no later step reads; a consumer among them that
     supplied the output is released before the rule runs, so the rule alone holds that value.
     """
-    _, i, spec, sources, relevant, edges, output_source, bias_source = step
+    _, i, spec, sources, relevant, edges, output_source, bias_source, affine_source = step
     arrived = relevance.pop(i, None)
     if arrived is None:  # nothing reached this node (all of it went elsewhere)
         return
@@ -294,9 +357,13 @@ def _propagate(step: tuple, nodes: list, relevance: dict, values: dict, root: tu
         if saved is not None and len(output_source) > 2 and output_source[1] in last_read:
             saved.release(nodes[output_source[1]])
     bias = None if bias_source is None else values[bias_source[1]][bias_source[2]]  # always an "edge" source
+    affine = None
+    if affine_source is not None:  # a merged batch norm's (scale, shift)
+        affine_node, affine_spec, affine_sources = affine_source
+        affine = affine_spec.affine(nodes[affine_node], _fetch(affine_sources, nodes[affine_node], affine_spec, values))
     ctx = RuleContext(
         node, arrived, relevant, _fetch(sources, node, spec, values), settings, output, bias, rectified,
-        rectified_vanishes,
+        rectified_vanishes, affine,
     )
     rectified = None  # the context holds it; a rule that takes it (take_rectified) frees it early
     for slot, r in enumerate(spec.rule(ctx)):

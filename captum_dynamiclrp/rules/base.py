@@ -152,12 +152,16 @@ class RuleSettings:
         gamma (float): Strength of the gamma rule.
         attention (str): ``"attnlrp"`` (relevance flows through the softmax with the
             AttnLRP rule) or ``"cp"`` (CP-LRP: attention probabilities are constants).
+        batch_norm (str): ``"epsilon"`` (batch norm is a layer of its own: epsilon on its
+            affine map) or ``"merge"`` (batch norm merged into the convolution before it, as
+            Zennit's canonizers do; see ``OpSpec.affine``).
     """
 
     epsilon: float = 1e-6
     linear: str = "epsilon"
     gamma: float = 0.25
     attention: str = "attnlrp"
+    batch_norm: str = "epsilon"
 
 
 @dataclass
@@ -187,6 +191,10 @@ class RuleContext:
         rectified_vanishes: The planner proved from the graph that ``relevance`` is zero
             wherever ``rectified`` is (see ``OpSpec.scales_operands``), so ``rectified``
             stands for the output without a check.
+        affine: ``(scale, shift)``, 1-d along dim 1, of a per-channel affine map (batch norm)
+            that follows this node and that the engine merged into this node's rule
+            (``OpSpec.affine``); ``None`` otherwise. ``output`` and ``rectified`` are then
+            those of the merged map, the affine map's output.
     """
 
     node: Node
@@ -198,6 +206,7 @@ class RuleContext:
     bias: MaybeTensor = None
     rectified: MaybeTensor = None
     rectified_vanishes: bool = False
+    affine: Optional[tuple[Tensor, Tensor]] = None
 
     def take_rectified(self) -> MaybeTensor:
         """``rectified``, handed over once: the context drops its reference, so that the value
@@ -258,7 +267,7 @@ def needs_all_inputs(node: Node, relevant: tuple) -> tuple:
 
 @dataclass(frozen=True)
 class OpSpec:
-    """One entry of the rule table.
+    r"""One entry of the rule table.
 
     Args:
         family (str): Human-readable rule family, shown by the coverage report.
@@ -328,6 +337,19 @@ class OpSpec:
             the same order: view, reshape, squeeze, unsqueeze). The engine looks through such
             nodes for a consumer that kept an op's output (a linear map on 3-d input is an
             ``addmm`` followed by a view).
+        affine (callable, optional): ``affine(node, inputs)`` gives ``(scale, shift)``, 1-d, when
+            the node is the per-channel affine map :math:`y = \mathrm{scale}\, x + \mathrm{shift}`
+            along dim 1 with constant coefficients (batch norm, its statistics held constant);
+            ``inputs`` holds the values of the slots ``affine_needs`` lists. Under the setting
+            ``batch_norm="merge"``, a linear map whose spec ``merges_affine`` accepts it and whose
+            only reader is this node takes the map over (``RuleContext.affine``): its rule runs
+            on the merged map, and this node hands relevance on unchanged (:data:`MERGED_AFFINE`).
+        affine_needs (callable, optional): ``affine_needs(node)``: the input slots ``affine``
+            reads (batch norm: its bias), or ``None`` where the coefficients cannot be had (a
+            frozen bias, of which autograd kept no trace); then nothing is merged.
+        merges_affine (callable, optional): ``merges_affine(node)``: whether this linear map can
+            take over a per-channel affine map of its output along dim 1 (a convolution, not a
+            transposed one); see ``affine``.
     """
 
     family: str
@@ -350,6 +372,9 @@ class OpSpec:
     scales_operands: bool = False
     keeps_zeros: bool = False
     operand_from_output: Optional[Callable[[Node, int, Tensor, list], Tensor]] = None
+    affine: Optional[Callable[[Node, list], tuple[Tensor, Tensor]]] = None
+    affine_needs: Optional[Callable[[Node], Optional[tuple[int, ...]]]] = None
+    merges_affine: Optional[Callable[[Node], bool]] = None
 
 
 # (graph, consumers, node, relevant) -> (sum node, bias slot) or None; see OpSpec.bias_after.
@@ -364,6 +389,10 @@ def pass_on_rule(ctx: RuleContext) -> list[MaybeTensor]:
 # The rule of a sum whose bias operand the linear map before it took over (``OpSpec.bias_after``):
 # the linear rule puts the bias in its denominator, so the sum must not split relevance again.
 FOLDED_BIAS_SUM = OpSpec(family="sum adding a linear map's bias (folded into the linear rule)", rule=pass_on_rule)
+
+# The rule of a batch norm merged into the linear map before it (``OpSpec.affine``): that map's rule
+# runs on the merged map, so the batch norm hands relevance on unchanged.
+MERGED_AFFINE = OpSpec(family="batch norm merged into the linear map before it", rule=pass_on_rule)
 
 
 def node_vjp(node: Node, grads: Sequence[Tensor]) -> tuple:

@@ -38,6 +38,16 @@ tracked and carrying no relevance: a parameter or a constant) as its own
 hands :math:`R_y` on unchanged, and ``b`` receives what the fused rule gives a bias:
 nothing (its share of the denominator is absorbed). :func:`bias_after` finds the
 pattern; the engine does the folding (``OpSpec.bias_after``, ``RuleContext.bias``).
+
+Batch-norm merging (setting ``batch_norm="merge"``, off by default). A convolution whose output
+only a batch norm reads, :math:`y = a \odot (W * x + b) + c` per output channel with the
+statistics held constant, is one linear map :math:`y = W' * x + b'` with
+:math:`W' = a W` (each output channel's filter scaled) and :math:`b' = a b + c`. Its rule is the
+preset's linear rule on :math:`(W', b')` with :math:`z = y` (read from the batch norm's consumers
+where they kept it, as for any output), and the batch norm hands :math:`R_y` on unchanged.
+That is LRP with the network canonized as Zennit's ``SequentialMergeBatchNorm`` does; it differs
+from the default (epsilon on each of the two maps) by :math:`O(\epsilon / |z|)` and saves the batch
+norm's passes. The engine finds the pattern (``OpSpec.affine``, ``OpSpec.merges_affine``).
 """
 
 from __future__ import annotations
@@ -192,6 +202,24 @@ class ConvolutionOp(BilinearOp):
     def kept(self, node: Node) -> tuple:
         return (saved(node, "input"), saved(node, "weight"), None)
 
+    def merge_affine(self, node: Node, inputs: list, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Bias term :math:`ab + c` of :math:`a \odot (W * x + b) + c` as one convolution, and :math:`a`,
+        both shaped to broadcast over the output."""
+        bias = inputs[2]
+        merged = shift if bias is None else torch.addcmul(shift, scale, bias)
+        spatial = [1] * len(saved(node, "stride"))
+        return merged.view(-1, *spatial), scale.view(-1, *spatial)
+
+    @staticmethod
+    def scale_filters(weight: Tensor, scale: Tensor) -> Tensor:
+        """:math:`aW`: each output channel's filter scaled."""
+        return weight * scale.to(weight.dtype).view(-1, *([1] * (weight.dim() - 1)))
+
+
+def _merges_affine(node: Node) -> bool:
+    # A transposed convolution's weight is (in, out / groups, ...): its output channels are not dim 0.
+    return not saved(node, "transposed")
+
 
 def _plus(t: Tensor) -> Tensor:
     return t.clamp(min=0)
@@ -204,8 +232,13 @@ def _minus(t: Tensor) -> Tensor:
 def _linear_relevance(op: BilinearOp, node: Node, x_is_a: bool, x: Tensor, w: Tensor, bias: MaybeTensor,
                       relevance: Tensor, settings: RuleSettings, output: MaybeTensor,
                       take_rectified: Callable[[], MaybeTensor] = lambda: None,
-                      rectified_vanishes: bool = False) -> Tensor:
-    """The preset's rule for one activation ``x`` against a parameter operand ``w``.
+                      rectified_vanishes: bool = False, channel_scale: MaybeTensor = None) -> Tensor:
+    r"""The preset's rule for one activation ``x`` against a parameter operand ``w``.
+
+    ``channel_scale`` (epsilon only): the map is :math:`W' = aW` with :math:`a` this per-channel
+    scale of the output (a merged batch norm; ``bias`` is then the merged one). The weights are
+    never scaled: :math:`\partial_x\langle s, W' * x\rangle = \partial_x\langle a s, W * x\rangle`,
+    one pass over the output instead of one over the weights.
 
     ``output`` is the op's forward output if a consumer kept it (saves one forward product);
     ``take_rectified()`` hands over ``max(output, 0)`` if a ReLU kept that instead (see
@@ -229,7 +262,15 @@ def _linear_relevance(op: BilinearOp, node: Node, x_is_a: bool, x: Tensor, w: Te
         else:
             s = ratio_given_rectified(relevance, take_rectified(), eps, rectified_vanishes)
             if s is None:  # recompute z; it is freed as soon as the ratio exists
-                s = ratio(relevance, apply(x, w) if bias is None else apply(x, w).add_(bias), eps)
+                z = apply(x, w)
+                if channel_scale is not None:
+                    z = z.mul_(channel_scale) if bias is None else torch.addcmul(bias, z, channel_scale)
+                elif bias is not None:
+                    z = z.add_(bias)
+                s = ratio(relevance, z, eps)
+                del z
+        if channel_scale is not None:
+            s = s.mul_(channel_scale)
         return grad(s, x, w).mul_(x)
 
     x_pos, x_neg = _plus(x), _minus(x)
@@ -320,6 +361,11 @@ def _bilinear_rule(op: BilinearOp) -> Callable[[RuleContext], list]:
         if ctx.bias is not None:  # folded from the add that follows (see "Bias folding")
             bias = ctx.bias if bias is None else bias + ctx.bias
             output = None if output is None else output + ctx.bias
+        channel_scale = None
+        if ctx.affine is not None:  # a batch norm merged into this map (see "Batch-norm merging")
+            bias, channel_scale = op.merge_affine(node, ctx.inputs, *ctx.affine)
+            if ctx.settings.linear != "epsilon":  # z+ and gamma split the merged weights by sign
+                b, channel_scale = op.scale_filters(b, ctx.affine[0]), None
         rel_a, rel_b = ctx.relevant[op.a_slot], ctx.relevant[op.b_slot]
         result: list[MaybeTensor] = [None] * len(node.next_functions)
         if rel_a and rel_b:
@@ -342,7 +388,8 @@ def _bilinear_rule(op: BilinearOp) -> Callable[[RuleContext], list]:
             )
         elif rel_a:
             result[op.a_slot] = _linear_relevance(
-                op, node, True, a, b, bias, ctx.out, ctx.settings, output, take_rectified, ctx.rectified_vanishes
+                op, node, True, a, b, bias, ctx.out, ctx.settings, output, take_rectified, ctx.rectified_vanishes,
+                channel_scale,
             )
         elif rel_b:
             result[op.b_slot] = _linear_relevance(
@@ -381,6 +428,7 @@ def _spec(op: BilinearOp) -> OpSpec:
         # mm / addmm / bmm / baddbmm / mv allocate their result; a convolution's may be channels-last.
         fresh_output=isinstance(op, MatMulOp),
         scales_operands=True,  # every preset's rule hands x (and, for two activations, b) x * (...)
+        merges_affine=_merges_affine if isinstance(op, ConvolutionOp) else None,
     )
 
 

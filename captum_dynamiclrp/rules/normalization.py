@@ -21,6 +21,9 @@ batch statistics in training mode) batch norm is a per-channel affine map
 :math:`z = a x + c`, :math:`a = w / \sqrt{\sigma^2 + \epsilon_{bn}}`,
 :math:`c = b - \mu a`. Rule: epsilon on that map,
 :math:`R_x = a x \odot R / \mathrm{stab}(z)`; the shift :math:`c` absorbs its share.
+With the setting ``batch_norm="merge"`` a batch norm that alone reads a convolution's output is
+merged into it instead (Zennit's canonizers do this): the convolution's rule runs on
+:math:`W' = a W`, :math:`b' = a b + c` (see :mod:`.linear`) and the batch norm hands relevance on.
 """
 
 from __future__ import annotations
@@ -85,6 +88,18 @@ def batch_norm_rule(ctx: RuleContext) -> list[MaybeTensor]:
     return [s.mul_(x).mul_(scale), None, None]
 
 
+def _affine_constants(node: Node, inputs: list) -> tuple[Tensor, Tensor]:
+    """``(a, c)`` of the map :math:`z = a x + c`, 1-d; ``inputs[2]`` is the bias (``OpSpec.affine``)."""
+    return _scale_shift(node, inputs[2])
+
+
+def _affine_needs(node: Node) -> Optional[tuple[int, ...]]:
+    # A batch norm with a weight but an untracked bias: its shift is unknown.
+    if saved(node, "weight") is not None and node.next_functions[2][0] is None:
+        return None
+    return (2,)
+
+
 def _forward(node: Node, inputs: list) -> Tensor:
     if inputs[2] is None and saved(node, "weight") is not None:
         raise UnrecoverableOperandError(
@@ -103,6 +118,8 @@ def _spec() -> OpSpec:
         kept_inputs=lambda node: (saved(node, "input"), saved(node, "weight"), None),
         uses_output=True,
         scales_operands=True,
+        affine=_affine_constants,
+        affine_needs=_affine_needs,
     )
 
 
