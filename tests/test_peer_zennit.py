@@ -198,6 +198,55 @@ def test_batch_rows_match_single_examples_in_zennit(model, inputs, rules):
         torch.testing.assert_close(batch[row : row + 1], single, rtol=RTOL, atol=ATOL)
 
 
+def _resnet_with_batch_norm_statistics() -> nn.Module:
+    """A torchvision ResNet-18 (float64, eval) whose batch norms are far from the identity."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                shape = module.running_mean.shape
+                module.running_mean.copy_(torch.rand(shape, generator=generator) - 0.5)
+                module.running_var.copy_(torch.rand(shape, generator=generator) * 1.5 + 0.5)
+                module.weight.copy_(torch.rand(shape, generator=generator) + 0.5)
+                module.bias.copy_((torch.rand(shape, generator=generator) - 0.5) * 0.4)
+                # Zennit leaves a merged batch norm in place as x / sqrt(1 + eps) * 1 + 0, which is the
+                # identity only for eps = 0 (with the default 1e-5 every block would scale by 1 - 5e-6).
+                module.eps = 0.0
+    return model.to(DTYPE).eval()
+
+
+@pytest.mark.parametrize("rules", ["epsilon", "zplus", "gamma"])
+def test_merged_batch_norm_matches_zennit_resnet_canonizer(rules):
+    """``batch_norm="merge"`` against Zennit's ``ResNetCanonizer`` (batch norms merged, residual sums as
+    modules with its ``Norm`` rule, which is epsilon on contributions as ours) on a ResNet-18."""
+    from zennit.composites import layer_map_base
+    from zennit.torchvision import ResNetCanonizer
+
+    rule = {
+        "epsilon": lambda: Epsilon(epsilon=1e-6),
+        "zplus": lambda: ZPlus(stabilizer=1e-6),
+        "gamma": lambda: Gamma(gamma=0.25, stabilizer=1e-6),
+    }[rules]
+    model = _resnet_with_batch_norm_statistics()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 32, 32, dtype=DTYPE)
+    targets = torch.tensor([3, 7])
+    composite = LayerMapComposite(
+        layer_map=layer_map_base(1e-6) + [(Convolution, rule()), (Linear, rule())], canonizers=[ResNetCanonizer()]
+    )
+    reference = zennit_relevance(model, x, targets, composite)
+    result = ours(model, x, targets, rules=rules, epsilon=1e-6, batch_norm="merge")
+    assert reference.abs().max() > 1e-3
+    torch.testing.assert_close(result, reference, rtol=RTOL, atol=ATOL)
+    # Without merging, batch norm is a layer of its own and the results differ from Zennit's canonized ones.
+    unmerged = ours(model, x, targets, rules=rules, epsilon=1e-6)
+    assert not torch.allclose(unmerged, reference, rtol=1e-4, atol=0)
+
+
 def test_missing_zennit_is_an_error_when_required(tmp_path):
     """With DYNAMICLRP_REQUIRE_PEERS=1 a missing Zennit fails the run; without it the module is skipped."""
     runner = tmp_path / "run_without_zennit.py"
