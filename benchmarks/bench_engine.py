@@ -161,13 +161,13 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_calls(model, x, target) -> dict[str, Callable[[], Any]]:
+def make_calls(model, x, target, batch_norm: str = "epsilon") -> dict[str, Callable[[], Any]]:
     """The measured calls; ``cached`` shares one DynamicLRP (warm it before measuring)."""
     from captum.attr import InputXGradient
 
     from captum_dynamiclrp import DynamicLRP
 
-    cached_lrp = DynamicLRP(model)
+    cached_lrp = DynamicLRP(model, batch_norm=batch_norm)
 
     def forward():
         import torch
@@ -178,7 +178,7 @@ def make_calls(model, x, target) -> dict[str, Callable[[], Any]]:
 
     return {
         "ixg": lambda: InputXGradient(model).attribute(x, target=target),
-        "first": lambda: DynamicLRP(model).attribute(x, target=target),
+        "first": lambda: DynamicLRP(model, batch_norm=batch_norm).attribute(x, target=target),
         "cached": lambda: cached_lrp.attribute(x, target=target),
         "forward": forward,
     }
@@ -221,7 +221,7 @@ def child_time(spec: dict) -> dict:
     model, x, target = on_device(
         *build_workload(spec["model"], spec["batch"], spec["resnet_size"], spec["vgg_size"]), device
     )
-    calls = make_calls(model, x, target)
+    calls = make_calls(model, x, target, spec.get("batch_norm", "epsilon"))
     _warm_up(model, x)
     with torch.no_grad():
         synchronize(device)
@@ -257,7 +257,7 @@ def child_memory(spec: dict) -> dict:
     model, x, target = on_device(
         *build_workload(spec["model"], spec["batch"], spec["resnet_size"], spec["vgg_size"]), device
     )
-    calls = make_calls(model, x, target)
+    calls = make_calls(model, x, target, spec.get("batch_norm", "epsilon"))
     method = spec["method"]
     if device.startswith("cuda"):  # the CUDA caching allocator's own peak, not the process's RSS
         _warm_up(model, x)
@@ -344,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resnet-size", type=int, default=224, help="ResNet-18 image side (default 224)")
     parser.add_argument("--vgg-size", type=int, default=128, help="VGG-11 image side (default 128)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    parser.add_argument("--batch-norm", default="epsilon", choices=["epsilon", "merge"],
+                        help="DynamicLRP's batch_norm rule (default epsilon; merge: folded into the convolutions)")
     parser.add_argument("--device", default="cpu",
                         help="cpu (default), cuda, cuda:N, or auto (cuda where available, else cpu)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -371,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                 "resnet_size": args.resnet_size,
                 "vgg_size": args.vgg_size,
                 "device": args.device,
+                "batch_norm": args.batch_norm,
             }
             timing = run_child({**base, "kind": "time", "repeats": args.repeats})
             memory: dict[str, Any] = {}
@@ -405,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     print(
         f"\nmedian of {args.repeats} calls; x = ours / InputXGradient; MiB = peak extra resident memory of one "
-        f"call in a fresh process (fwd: the forward with its graph alone); device {args.device}; torch "
+        f"call in a fresh process (fwd: the forward with its graph alone); batch_norm={args.batch_norm}; "
+        f"device {args.device}; torch "
         f"{torch.__version__}, {args.threads} threads; total {time.perf_counter() - started:.0f} s"
     )
     if args.json is not None:
@@ -416,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                 "machine": platform.machine(),
                 "cpu_count": os.cpu_count(),
                 "device": args.device,
+                "batch_norm": args.batch_norm,
                 "threads": args.threads,
                 "repeats": args.repeats,
                 "timing": "median wall-clock (perf_counter), methods interleaved per repeat, after a warm-up",

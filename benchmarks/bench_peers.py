@@ -7,7 +7,8 @@ Three parts, each a set of workloads (random weights, eval mode, float32, one ta
   with ``Epsilon`` on every convolution and linear layer, the ``gamma`` preset against ``Gamma(0.25)``
   there; the rest is Zennit's base layer map (``Pass`` on activations, ``Norm`` on sums and average
   pools, which is epsilon on contributions, as ours). ResNet-50 gets Zennit's ``ResNetCanonizer``
-  (batch norm merged into the convolutions, residual sums as modules), which Zennit needs for it.
+  (batch norm merged into the convolutions, residual sums as modules), which Zennit needs for it, and
+  ours ``batch_norm="merge"``, the same merge (``tests/test_peer_zennit.py`` checks that the two agree).
   Zennit's composite is registered once, before the timed calls (its steady state), on its own copy
   of the model; a call is ``Gradient(model, composite)(x, one_hot * output)``, the seed we use too.
 * ``lxt``: GPT-2 (6 x 768, vocabulary 8192) and Llama (8 x 512, vocabulary 8192) built from
@@ -161,7 +162,8 @@ def child_zennit(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     model, x, target = build_cnn(spec["model"], spec["batch"], spec["size"])
     theirs, remove = zennit_call(copy.deepcopy(model), x, target, spec["rules"])
-    calls = {"peer": theirs, **ours_calls(model, x, target, spec["rules"])}
+    merge = {"batch_norm": "merge"} if "resnet" in spec["model"] else {}  # Zennit's canonizer merges them
+    calls = {"peer": theirs, **ours_calls(model, x, target, spec["rules"], **merge)}
     times = interleaved(calls, spec["repeats"])
     remove()
     return {"input_shape": list(x.shape), "times_s": times}

@@ -99,7 +99,10 @@ def make_resnet() -> torchvision.models.ResNet:
 
 def make_convnet() -> ConvNet:
     torch.manual_seed(0)
-    return randomize_batch_norms_(ConvNet()).to(DTYPE).eval()
+    model = randomize_batch_norms_(ConvNet())
+    with torch.no_grad():
+        model.bn1.weight[0] = 0.0  # a switched-off channel (pruning, zero-initialised residual branches)
+    return model.to(DTYPE).eval()
 
 
 MODELS = {"resnet18": (make_resnet, canonized_resnet, (2, 3, 32, 32)), "convnet": (make_convnet, canonized_convnet, (2, 3, 12, 12))}
