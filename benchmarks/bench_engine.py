@@ -16,7 +16,9 @@ Measured calls, all on the same inputs and targets:
 
 Time: median wall-clock time (``time.perf_counter``) over ``--repeats`` calls. All methods of a workload
 run in one child process, interleaved repeat by repeat (ixg, first, cached, ixg, ...) so that background
-load affects all three alike, after one untimed warm-up of each.
+load affects all three alike, after one untimed warm-up of each. ``--batch-norm merge`` measures
+DynamicLRP with batch norms merged into the convolutions; ``--batch-norm both`` keeps the default and adds
+``cached_merge`` (a cached call with them merged) to the same interleaved loop, for a like-for-like A/B.
 
 Peak memory: PyTorch's CPU tensors are plain ``malloc``/``mmap`` memory that ``tracemalloc`` cannot see,
 so memory is read from the kernel. Every measured call runs in a fresh child process that builds the
@@ -61,6 +63,7 @@ from typing import Any, Callable
 import child_process
 
 METHODS = ("ixg", "first", "cached")
+EXTRA_METHODS = ("cached_merge",)  # with --batch-norm both
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,11 +165,20 @@ def synchronize(device: str) -> None:
 
 
 def make_calls(model, x, target, batch_norm: str = "epsilon") -> dict[str, Callable[[], Any]]:
-    """The measured calls; ``cached`` shares one DynamicLRP (warm it before measuring)."""
+    """The measured calls; ``cached`` shares one DynamicLRP (warm it before measuring).
+
+    ``batch_norm="both"``: the default rules, plus ``cached_merge``, a cached DynamicLRP with batch
+    norms merged into the convolutions, timed in the same interleaved loop.
+    """
     from captum.attr import InputXGradient
 
     from captum_dynamiclrp import DynamicLRP
 
+    extra: dict[str, Callable[[], Any]] = {}
+    if batch_norm == "both":
+        merged_lrp = DynamicLRP(model, batch_norm="merge")
+        extra["cached_merge"] = lambda: merged_lrp.attribute(x, target=target)
+        batch_norm = "epsilon"
     cached_lrp = DynamicLRP(model, batch_norm=batch_norm)
 
     def forward():
@@ -181,6 +193,7 @@ def make_calls(model, x, target, batch_norm: str = "epsilon") -> dict[str, Calla
         "first": lambda: DynamicLRP(model, batch_norm=batch_norm).attribute(x, target=target),
         "cached": lambda: cached_lrp.attribute(x, target=target),
         "forward": forward,
+        **extra,
     }
 
 
@@ -229,11 +242,12 @@ def child_time(spec: dict) -> dict:
         model(x)
         synchronize(device)
         forward_nograd = time.perf_counter() - t0
-    for method in METHODS:  # one untimed call each (warms the cached plan too)
+    methods = METHODS + tuple(m for m in EXTRA_METHODS if m in calls)
+    for method in methods:  # one untimed call each (warms the cached plan too)
         calls[method]()
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    times: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(spec["repeats"]):
-        for method in METHODS:
+        for method in methods:
             gc.collect()
             synchronize(device)
             t0 = time.perf_counter()
@@ -261,7 +275,7 @@ def child_memory(spec: dict) -> dict:
     method = spec["method"]
     if device.startswith("cuda"):  # the CUDA caching allocator's own peak, not the process's RSS
         _warm_up(model, x)
-        if method in ("cached", "first"):
+        if method in ("cached", "first") + EXTRA_METHODS:
             calls[method]()
         gc.collect()
         synchronize(device)
@@ -276,8 +290,8 @@ def child_memory(spec: dict) -> dict:
     can_reset = _reset_peak()
     if can_reset:
         _warm_up(model, x)
-        if method == "cached":
-            calls["cached"]()
+        if method in ("cached",) + EXTRA_METHODS:
+            calls[method]()
         elif method == "first":  # warms the code paths (lazy imports, kernels); the measured call still plans
             calls["first"]()
         gc.collect()
@@ -317,16 +331,25 @@ def format_table(rows: list[dict]) -> str:
         f"{'model':<9} {'batch':>5} {'input':<18} | {'IxG ms':>8} {'first ms':>9} {'x':>5} {'cached ms':>9} {'x':>5} |"
         f" {'fwd MiB':>8} {'IxG MiB':>8} {'first MiB':>9} {'x':>5} {'cached MiB':>10} {'x':>5}"
     )
+    merged = any("cached_merge" in r["median_ms"] for r in rows)
+    if merged:
+        header += f" | {'merged ms':>9} {'x':>5} {'MiB':>6} {'x':>5}"
     lines = [header, "-" * len(header)]
     for r in rows:
         t, m = r["median_ms"], r["peak_extra_mib"]
         shape = "x".join(str(s) for s in r["input_shape"])
-        lines.append(
+        line = (
             f"{r['model']:<9} {r['batch']:>5} {shape:<18} | {t['ixg']:>8.1f} {t['first']:>9.1f}"
             f" {r['time_ratio']['first']:>5.2f} {t['cached']:>9.1f} {r['time_ratio']['cached']:>5.2f} |"
             f" {m['forward']:>8.1f} {m['ixg']:>8.1f} {m['first']:>9.1f} {r['memory_ratio']['first']:>5.2f}"
             f" {m['cached']:>10.1f} {r['memory_ratio']['cached']:>5.2f}"
         )
+        if merged and "cached_merge" in t:
+            line += (
+                f" | {t['cached_merge']:>9.1f} {r['time_ratio']['cached_merge']:>5.2f}"
+                f" {m['cached_merge']:>6.1f} {r['memory_ratio']['cached_merge']:>5.2f}"
+            )
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -344,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resnet-size", type=int, default=224, help="ResNet-18 image side (default 224)")
     parser.add_argument("--vgg-size", type=int, default=128, help="VGG-11 image side (default 128)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
-    parser.add_argument("--batch-norm", default="epsilon", choices=["epsilon", "merge"],
-                        help="DynamicLRP's batch_norm rule (default epsilon; merge: folded into the convolutions)")
+    parser.add_argument("--batch-norm", default="epsilon", choices=["epsilon", "merge", "both"],
+                        help="DynamicLRP's batch_norm rule (default epsilon; merge: folded into the convolutions; "
+                             "both: epsilon, plus a cached call with merge in the same interleaved loop)")
     parser.add_argument("--device", default="cpu",
                         help="cpu (default), cuda, cuda:N, or auto (cuda where available, else cpu)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -378,13 +402,14 @@ def main(argv: list[str] | None = None) -> int:
             timing = run_child({**base, "kind": "time", "repeats": args.repeats})
             memory: dict[str, Any] = {}
             how = None
+            extra = tuple(m for m in EXTRA_METHODS if m in timing["median_s"])
             if not args.no_memory:
-                for method in ("forward",) + METHODS:
+                for method in ("forward",) + METHODS + extra:
                     got = run_child({**base, "kind": "memory", "method": method})
                     memory[method] = got["peak_extra_mib"]
                     how = got["method"]
             else:
-                memory = {m: float("nan") for m in ("forward",) + METHODS}
+                memory = {m: float("nan") for m in ("forward",) + METHODS + extra}
             median_ms = {m: 1e3 * v for m, v in timing["median_s"].items()}
             row = {
                 **{k: base[k] for k in ("model", "batch")},
@@ -394,8 +419,8 @@ def main(argv: list[str] | None = None) -> int:
                 "times_ms": {m: [1e3 * t for t in v] for m, v in timing["times_s"].items()},
                 "peak_extra_mib": memory,
                 "memory_method": how,
-                "time_ratio": {m: _ratio(median_ms[m], median_ms["ixg"]) for m in ("first", "cached")},
-                "memory_ratio": {m: _ratio(memory[m], memory["ixg"]) for m in ("first", "cached")},
+                "time_ratio": {m: _ratio(median_ms[m], median_ms["ixg"]) for m in ("first", "cached") + extra},
+                "memory_ratio": {m: _ratio(memory[m], memory["ixg"]) for m in ("first", "cached") + extra},
             }
             rows.append(row)
             print(

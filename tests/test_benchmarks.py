@@ -24,6 +24,16 @@ def test_bench_engine_writes_ratios_for_a_small_workload(tmp_path):
     assert set(row["time_ratio"]) == {"first", "cached"} and all(v > 0 for v in row["time_ratio"].values())
 
 
+def test_bench_engine_times_merged_batch_norm_beside_the_default(tmp_path):
+    out = tmp_path / "engine.json"
+    argv = ["--models", "resnet18", "--resnet-size", "32", "--batch", "1", "--repeats", "1", "--no-memory",
+            "--batch-norm", "both", "--json", str(out)]
+    assert bench_engine.main(argv) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert set(row["time_ratio"]) == {"first", "cached", "cached_merge"} and all(v > 0 for v in row["time_ratio"].values())
+    assert len(row["times_ms"]["cached_merge"]) == 1
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
 def test_bench_engine_refuses_cuda_where_there_is_none():
     with pytest.raises(SystemExit):
