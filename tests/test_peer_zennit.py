@@ -199,24 +199,16 @@ def test_batch_rows_match_single_examples_in_zennit(model, inputs, rules):
 
 
 def _resnet_with_batch_norm_statistics() -> nn.Module:
-    """A torchvision ResNet-18 (float64, eval) whose batch norms are far from the identity."""
-    import torchvision
+    """The merge test's ResNet-18 (float64, eval, batch norms far from the identity), batch-norm eps 0."""
+    from tests.test_batch_norm_merge import make_resnet
 
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None, num_classes=10)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                shape = module.running_mean.shape
-                module.running_mean.copy_(torch.rand(shape, generator=generator) - 0.5)
-                module.running_var.copy_(torch.rand(shape, generator=generator) * 1.5 + 0.5)
-                module.weight.copy_(torch.rand(shape, generator=generator) + 0.5)
-                module.bias.copy_((torch.rand(shape, generator=generator) - 0.5) * 0.4)
-                # Zennit leaves a merged batch norm in place as x / sqrt(1 + eps) * 1 + 0, which is the
-                # identity only for eps = 0 (with the default 1e-5 every block would scale by 1 - 5e-6).
-                module.eps = 0.0
-    return model.to(DTYPE).eval()
+    model = make_resnet()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            # Zennit leaves a merged batch norm in place as x / sqrt(1 + eps) * 1 + 0, which is the
+            # identity only for eps = 0 (with the default 1e-5 every block would scale by 1 - 5e-6).
+            module.eps = 0.0
+    return model
 
 
 @pytest.mark.parametrize("rules", ["epsilon", "zplus", "gamma"])
