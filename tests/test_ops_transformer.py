@@ -416,6 +416,44 @@ def test_glu_and_baddbmm_and_weight_norm():
     torch.testing.assert_close(r, xin.detach() * g)
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["no_padding", "padded_keys"])
+def test_multihead_attention_key_padding_mask_weights_path_equals_fused_path(padded):
+    # With need_weights=True, nn.MultiheadAttention adds the key-padding mask inside
+    # baddbmm(mask, q, k^T): an untracked bias, replayed as zero. With need_weights=False the same
+    # mask goes to the fused kernel, whose node keeps it: the two must give the same relevance.
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).double().eval()
+    query, memory = leaf(2, 3, 8), leaf(2, 5, 8)
+    key_padding_mask = torch.zeros(2, 5, dtype=torch.bool)
+    if padded:
+        key_padding_mask[0, 3:] = True
+        key_padding_mask[1, 1] = True
+    weights_path = mha(query, memory, memory, key_padding_mask=key_padding_mask, need_weights=True)[0]
+    assert any(type(n).__name__ == "BaddbmmBackward0" for n in _graph_nodes(weights_path))
+    fused_path = mha(query, memory, memory, key_padding_mask=key_padding_mask, need_weights=False)[0]
+    torch.testing.assert_close(weights_path, fused_path)
+    seed = torch.randn_like(weights_path)
+    # A tiny epsilon: the two graphs stabilise different intermediate sums, which would otherwise
+    # differ by epsilon-sized amounts.
+    r_weights = relevance(weights_path, (query, memory), seed, settings=RuleSettings(epsilon=1e-12))
+    r_fused = relevance(fused_path, (query, memory), seed, settings=RuleSettings(epsilon=1e-12))
+    for a, b in zip(r_weights, r_fused):
+        assert torch.isfinite(a).all() and a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    # Padded keys are only read as keys and values, both masked out: no relevance reaches them.
+    assert (r_weights[1][key_padding_mask] == 0).all()
+
+
+def _graph_nodes(out: torch.Tensor) -> list:
+    seen, stack = [], [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.append(node)
+            stack.extend(n for n, _ in node.next_functions)
+    return seen
+
+
 def test_rotary_embedding_composition():
     # Rotary embeddings: x * cos + rotate_half(x) * sin with cos/sin constants.
     x = leaf(2, 4, 8)

@@ -136,14 +136,15 @@ class MatMulOp(BilinearOp):
         return ga, gb
 
     def bias(self, node: Node, inputs: list) -> MaybeTensor:
+        # An untracked bias is a constant the forward built, such as the additive key-padding
+        # mask nn.MultiheadAttention hands baddbmm. Autograd keeps no trace of it, so it is
+        # replayed as zero, as an untracked summand is (see _replay_sum in arithmetic.py): exact
+        # for a 0 / -inf mask, whose masked positions the softmax sets to 0 and gives no relevance.
         if self.bias_slot is None or inputs[self.bias_slot] is None:
             return None
         beta = saved(node, "beta")
         bias = inputs[self.bias_slot]
         return bias if beta in (None, 1) else bias * beta
-
-    def has_unknown_bias(self, node: Node, inputs: list) -> bool:
-        return self.bias_slot is not None and inputs[self.bias_slot] is None
 
     def kept(self, node: Node) -> tuple:
         values = [None] * len(node.next_functions)
