@@ -4,8 +4,9 @@ Builds transformer-style residual stacks (layer norm, attention with softmax, ga
 residual adds: every promise shape) of 4, 8, 16, 32 and 64 blocks with a small width, so that
 the engine's own work (graph building, pruning, ordering, promise resolution, the executor
 loop) dominates the tensor arithmetic. For each depth it reports the time of a first call
-(plan built) and of a cached call, the fastest of ``--repeats`` (depths interleaved, garbage
-collector off while timing; the JSON also has medians), divided by the number of autograd nodes,
+(plan built) and of a cached call, the fastest of its calls over ``--repeats`` rounds (depths
+interleaved, shallow stacks called more often so that every depth gets about the same timed seconds,
+garbage collector off while timing; the JSON also has medians), divided by the number of autograd nodes,
 and the time per node added since the previous depth (the slope, free of each call's fixed
 cost). Flat columns mean O(nodes + edges).
 
@@ -54,12 +55,13 @@ def build(depth: int, width: int, device: str = "cpu") -> dict:
 
 
 def timed(call) -> float:
-    """Seconds one call takes, with the cyclic garbage collector off (collected before, as ``timeit`` does).
+    """Seconds one call takes, with the cyclic garbage collector off during it.
 
     A collection started by the call's allocations would scan every object alive, including other
-    stacks' graphs, and land on whichever call happened to cross the threshold.
+    stacks' graphs, and land on whichever call happened to cross the threshold. :func:`measure`
+    collects once per round instead of before every call: a full collection scans all the stacks'
+    graphs, which costs more than the shallow stacks' calls themselves.
     """
-    gc.collect()
     gc.disable()
     try:
         _synchronize()
@@ -78,22 +80,34 @@ def _synchronize() -> None:
 
 
 def measure(depths: list[int], width: int, repeats: int, device: str = "cpu") -> list[dict]:
-    """Time first and cached calls of every depth, the depths interleaved within each repeat.
+    """Time first and cached calls of every depth, the depths interleaved within each of ``repeats`` rounds.
 
-    Interleaving spreads background load over all depths alike. Each depth reports the fastest of
-    its repeats (on a shared machine noise only ever adds time) and the median.
+    Interleaving spreads background load over all depths alike. Within a round each depth runs
+    ``max(depths) // depth`` times (at least once), so every depth gets about the same timed
+    seconds: a shallow stack's call is short, and the fastest of a few such calls is the noisiest
+    figure of the table, yet the slope from it to the next depth rests on it. Each depth reports the
+    fastest of its calls (on a shared machine noise only ever adds time) and the median.
     """
     setups = [build(depth, width, device) for depth in depths]
+    deepest = max(depths)
+    counts = [max(1, deepest // setup["depth"]) for setup in setups]
+    slots = max(counts)
     for _ in range(repeats):
-        for setup in setups:
-            model, x = setup["model"], setup["x"]
-            out = model(x).sum(-1)
-            setup["first"].append(timed(lambda: Engine().relevance(out, x)))
-            out = model(x).sum(-1)
-            setup["cached"].append(timed(lambda: setup["engine"].relevance(out, x)))
+        gc.collect()
+        for slot in range(slots):
+            for setup, count in zip(setups, counts):
+                # ``count`` calls spread evenly over the round's slots, so that a burst of
+                # background load lands on every depth alike rather than on one depth's batch.
+                if slot * count // slots == (slot - 1) * count // slots and slot > 0:
+                    continue
+                model, x = setup["model"], setup["x"]
+                out = model(x).sum(-1)
+                setup["first"].append(timed(lambda: Engine().relevance(out, x)))
+                out = model(x).sum(-1)
+                setup["cached"].append(timed(lambda: setup["engine"].relevance(out, x)))
     rows = []
     for setup in setups:
-        row = {"depth": setup["depth"], "nodes": setup["nodes"]}
+        row = {"depth": setup["depth"], "nodes": setup["nodes"], "calls": len(setup["first"])}
         for kind in ("first", "cached"):
             fastest, median = min(setup[kind]), statistics.median(setup[kind])
             row[f"{kind}_ms"] = fastest * 1e3

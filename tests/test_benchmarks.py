@@ -65,6 +65,8 @@ def test_depth_slope_removes_a_fixed_cost():
 def test_depth_measure_runs_every_depth_interleaved():
     rows = bench_depth.measure([1, 2], width=4, repeats=2)
     assert [r["depth"] for r in rows] == [1, 2]
+    # The shallow stack runs twice per round, so both depths get about the same timed seconds.
+    assert [r["calls"] for r in rows] == [4, 2]
     assert rows[1]["nodes"] > rows[0]["nodes"] > 0
     for row in rows:
         for kind in ("first", "cached"):
