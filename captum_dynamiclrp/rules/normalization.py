@@ -46,16 +46,25 @@ from .base import (
 )
 
 
-def _scale_shift(node: Node, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+def _eps(node: Node) -> float:
     eps = saved(node, "eps")
-    if eps is None:
-        eps = saved(node, "epsilon")
+    return saved(node, "epsilon") if eps is None else eps
+
+
+def _mean_invstd(node: Node) -> tuple[Tensor, Tensor]:
     if saved(node, "training"):
-        mean, invstd = saved(node, "result1"), saved(node, "result2")
-    else:
-        mean, invstd = saved(node, "running_mean"), torch.rsqrt(saved(node, "running_var") + eps)
+        return saved(node, "result1"), saved(node, "result2")
+    return saved(node, "running_mean"), torch.rsqrt(saved(node, "running_var") + _eps(node))
+
+
+def _scale(node: Node, invstd: Tensor) -> Tensor:
     weight = saved(node, "weight")
-    scale = invstd if weight is None else weight * invstd
+    return invstd if weight is None else weight * invstd
+
+
+def _scale_shift(node: Node, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    mean, invstd = _mean_invstd(node)
+    scale = _scale(node, invstd)
     shift = -mean * scale if bias is None else bias - mean * scale
     return scale, shift
 
@@ -64,27 +73,31 @@ def _channel_view(t: Tensor, x: Tensor) -> Tensor:
     return t.view(1, -1, *([1] * (x.dim() - 2))) if x.dim() > 1 else t
 
 
-def _affine(node: Node, inputs: list) -> tuple[Tensor, Tensor]:
-    x, bias = inputs[0], inputs[2]
+def _replay(node: Node, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The batch norm's output recomputed from ``x``, its statistics held at the forward's values."""
+    if not saved(node, "training"):
+        # The forward's own kernel on the running statistics: same bits, and on the CPU faster than
+        # an addcmul whose first operand is broadcast.
+        return torch.batch_norm(
+            x, saved(node, "weight"), bias, saved(node, "running_mean"), saved(node, "running_var"),
+            False, 0.0, _eps(node), False,
+        )
     scale, shift = _scale_shift(node, bias)
-    scale = _channel_view(scale, x)
-    return scale, torch.addcmul(_channel_view(shift, x), x, scale)  # one pass: shift + x * scale
+    return torch.addcmul(_channel_view(shift, x), x, _channel_view(scale, x))  # one pass: shift + x * scale
 
 
 def batch_norm_rule(ctx: RuleContext) -> list[MaybeTensor]:
     r"""Epsilon on the affine map: :math:`R_x = a x \odot R / \mathrm{stab}(a x + c)`."""
     x = ctx.inputs[0]
     # A ReLU's max(z, 0) stands for z only where the planner proved that exact: checking it
-    # when run costs more than recomputing z (one addcmul).
+    # when run costs more than recomputing z (one elementwise pass).
     s = ctx.proven_rectified_ratio()
-    if s is not None or ctx.output is not None:  # else z is recomputed
-        scale = _channel_view(_scale_shift(ctx.node, ctx.inputs[2])[0], x)
-        if s is None:  # a consumer kept z, or a promise rebuilt it (residual branch)
-            s = ratio(ctx.out, ctx.output, ctx.settings.epsilon)
-    else:
-        scale, z = _affine(ctx.node, ctx.inputs)
+    if s is None:
+        # z: kept by a consumer, rebuilt by a promise (residual branch), or else recomputed here.
+        z = ctx.output if ctx.output is not None else _replay(ctx.node, x, ctx.inputs[2])
         s = ratio(ctx.out, z, ctx.settings.epsilon)
-        del z  # free the recomputed output before the products
+        del z  # free a recomputed output before the products
+    scale = _channel_view(_scale(ctx.node, _mean_invstd(ctx.node)[1]), x)
     return [s.mul_(x).mul_(scale), None, None]
 
 
@@ -106,7 +119,7 @@ def _forward(node: Node, inputs: list) -> Tensor:
             f"{type(node).__name__}: the batch-norm bias does not require grad, so its output cannot "
             "be replayed; let parameters require grad during the forward (DynamicLRP does this for you)."
         )
-    return _affine(node, inputs)[1]
+    return _replay(node, inputs[0], inputs[2])
 
 
 def _spec() -> OpSpec:
