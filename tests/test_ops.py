@@ -146,6 +146,18 @@ def test_add_two_activations_with_broadcasting():
     torch.testing.assert_close(rb, (b.detach() * s).sum(0, keepdim=True))
 
 
+def test_add_of_a_tensor_to_itself_gives_both_halves():
+    # Both operands' VJP is one tensor; the rule writes the last product into it, after the first.
+    a = leaf(3, 4)
+    h = a * 1.0
+    out = h + h
+    seed = torch.randn_like(out)
+    kept = seed.clone()
+    (r,) = engine_relevance(out, a, seed)
+    torch.testing.assert_close(r, 2 * a.detach() * seed / stab(2 * a.detach(), EPS))
+    torch.testing.assert_close(seed, kept, rtol=0, atol=0)
+
+
 def test_add_with_alpha_and_parameter_operand():
     x = leaf(3, 4)
     bias = nn.Parameter(torch.randn(4, dtype=DT))

@@ -56,13 +56,28 @@ from .base import (
 def contribution_epsilon_rule(ctx: RuleContext, s: Tensor) -> list[MaybeTensor]:
     r"""Epsilon on contributions: :math:`R_{x_i} = x_i \odot J_i^\top s`, :math:`s = R / \mathrm{stab}(z)`.
 
-    Callers pass ``s = ratio(ctx.out, z, eps)`` so that ``z`` is freed before the products.
+    Callers pass ``s = ratio(ctx.out, z, eps)`` so that ``z`` is freed before the products; ``s`` is
+    the rule's own, so the last product may be written into the VJP's result (one buffer less).
     """
     grads = node_vjp(ctx.node, (s,))
-    return [
-        x * g if (rel and x is not None and g is not None) else None
-        for x, g, rel in zip(ctx.inputs, grads, ctx.relevant)
-    ]
+    del s
+    operands = [k for k, (x, g, rel) in enumerate(zip(ctx.inputs, grads, ctx.relevant))
+                if rel and x is not None and g is not None]
+    products: list[MaybeTensor] = [None] * min(len(ctx.inputs), len(grads), len(ctx.relevant))
+    for k in operands:
+        x, g = ctx.inputs[k], grads[k]
+        # In place only into the last one: an earlier operand's VJP may be the same tensor.
+        products[k] = g.mul_(x) if k == operands[-1] and _writable_product(g, x) else x * g
+    return products
+
+
+def _writable_product(g: Tensor, x: Tensor) -> bool:
+    """Whether ``g.mul_(x)`` gives ``x * g``: same shape and dtype, and ``g`` a dense buffer of its own
+    (a VJP that broadcasts, as a sum's does, returns an expanded view)."""
+    return (
+        g.shape == x.shape and g.dtype == x.dtype and g.is_contiguous()
+        and g.untyped_storage().nbytes() == g.numel() * g.element_size()
+    )
 
 
 def _known_sum(node: Node, inputs: list, sign: float) -> Tensor:
