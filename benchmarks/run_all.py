@@ -23,7 +23,7 @@ The goals (ratios measured in one run, never absolute times):
 
 ``--device cuda`` (or ``auto``) runs the engine, zoo and depth parts on a GPU; the peer part runs on the CPU.
 ``--quick`` shrinks every part to a smoke test (seconds, no memory children; its figures mean nothing; written
-to ``benchmarks/results/quick/`` unless ``--out`` says otherwise). The full suite took 35 minutes on 2 CPU cores.
+to ``benchmarks/results/quick/`` unless ``--out`` says otherwise). The full suite takes 25-40 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
