@@ -76,6 +76,7 @@ ATTENTION_CASES = {
     "gqa": dict(gqa=True),
     "scale": dict(scale=0.3),
     "causal_more_keys": dict(is_causal=True, keys=7),
+    "causal_fewer_keys": dict(is_causal=True, keys=3),
     "float_mask_per_batch": dict(attn_mask="float_batch"),
     "float_mask_dead_row": dict(attn_mask="float_dead_row"),
     "bool_mask_dead_row": dict(attn_mask="bool_dead_row"),
@@ -115,13 +116,13 @@ def _attention_inputs(case):
     return q, k, v, kwargs
 
 
-@pytest.mark.parametrize("blocks", ["whole", "row_by_row"])
+@pytest.mark.parametrize("blocks", ["whole", "row_by_row", "two_rows"])
 @pytest.mark.parametrize("preset", ["attnlrp", "cp"])
 @pytest.mark.parametrize("name", sorted(ATTENTION_CASES))
 def test_fused_attention_equals_its_decomposition(name, preset, blocks, monkeypatch):
-    if blocks == "row_by_row":  # one query row per block: every block boundary is exercised
+    if blocks != "whole":  # one or two query rows per block (5 queries: blocks 2, 2, 1 rows)
         monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", 1)
-        monkeypatch.setattr(attention, "_MIN_ROWS", 1)
+        monkeypatch.setattr(attention, "_MIN_ROWS", 1 if blocks == "row_by_row" else 2)
     q, k, v, kwargs = _attention_inputs(ATTENTION_CASES[name])
     settings = RuleSettings(epsilon=EPS, attention=preset)
     overrides = CP_LRP_OVERRIDES if preset == "cp" else None
