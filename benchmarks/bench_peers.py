@@ -12,14 +12,15 @@ Three parts, each a set of workloads (random weights, eval mode, float32, one ta
   Zennit's composite is registered once, before the timed calls (its steady state), on its own copy
   of the model; a call is ``Gradient(model, composite)(x, one_hot * output)``, the seed we use too.
 * ``lxt``: GPT-2 (6 x 768, vocabulary 8192) and Llama (8 x 512, vocabulary 8192) built from
-  ``transformers`` configs, ``--seq`` tokens, ``sdpa`` attention. LXT 2.1 needs transformers 4.52, so
-  this part runs in a child process of ``--lxt-python`` (default ``/work/venv-lxt/bin/python`` or
-  ``$DYNAMICLRP_LXT_PYTHON``), an environment with LXT and this package installed; the models, their
-  randomisation and LXT's patching come from ``tests/peers/test_peer_lxt.py``. LXT's efficient AttnLRP
-  is Input x Gradient on the monkey-patched model (``monkey_patch`` patches classes, process-wide);
-  ours is the ``attnlrp`` preset on the same, unpatched model (same epsilon as LXT's). Both run in
-  the one child: the patch is applied once and then switched on for LXT's calls and off for ours
-  (every attribute LXT replaced is swapped back and forth).
+  ``transformers`` configs, ``--seq`` tokens (one run per length given; the IG row takes the first),
+  ``sdpa`` attention. LXT 2.1 needs transformers 4.52, so this part runs in a child process of
+  ``--lxt-python`` (default ``/work/venv-lxt/bin/python`` or ``$DYNAMICLRP_LXT_PYTHON``), an
+  environment with LXT and this package installed; the models, their randomisation and LXT's
+  patching come from ``tests/peers/test_peer_lxt.py``. LXT's efficient AttnLRP is Input x Gradient
+  on the monkey-patched model (``monkey_patch`` patches classes, process-wide); ours is the
+  ``attnlrp`` preset on the same, unpatched model (same epsilon as LXT's). Both run in the one
+  child: the patch is applied once and then switched on for LXT's calls and off for ours (every
+  attribute LXT replaced is swapped back and forth).
 * ``ig``: Captum ``IntegratedGradients(n_steps=50)`` (``internal_batch_size`` = ``--ig-chunk``) against
   ours (``epsilon`` preset) on ResNet-50 (batch 1) and, in the LXT child, on the GPT-2 model
   (``attnlrp``; the IG row is measured there under transformers 4.52, unpatched).
@@ -325,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rules", nargs="+", default=["epsilon", "gamma"], choices=["epsilon", "gamma"])
     parser.add_argument("--size", type=int, default=224, help="CNN image side (default 224)")
     parser.add_argument("--llms", nargs="+", default=list(LXT_MODELS), choices=list(LXT_MODELS))
-    parser.add_argument("--seq", type=int, default=256, help="tokens of the LXT workloads (default 256)")
+    parser.add_argument("--seq", type=int, nargs="+", default=[256],
+                        help="tokens of the LXT workloads, one run per length (default 256)")
     parser.add_argument("--lxt-python", default=DEFAULT_LXT_PYTHON, help="interpreter with LXT 2.1")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every child (default 2)")
     parser.add_argument("--json", type=Path, default=None, help="write all numbers to this JSON file")
@@ -364,18 +366,19 @@ def main(argv: list[str] | None = None) -> int:
     if ("lxt" in args.parts or "ig" in args.parts) and not lxt_python_found:
         log(f"skipping the transformer workloads: no interpreter at {args.lxt_python} (see --lxt-python)")
     if ("lxt" in args.parts or "ig" in args.parts) and lxt_python_found:
-        for arch in args.llms:
-            want_ig = "ig" in args.parts and arch == "gpt2"
-            if "lxt" not in args.parts and not want_ig:
-                continue
-            spec = {**common, "kind": "lxt", "arch": arch, "batch": 1, "seq": args.seq,
-                    "lxt": "lxt" in args.parts, "ig": want_ig}
-            got = run_child(spec, python=args.lxt_python)
-            if "times_s" in got:
-                rows.append(make_row("lxt", arch, 1, "attnlrp", "lxt", got["input_shape"], got["times_s"]))
-            if "ig_times_s" in got:
-                rows.append(make_row("ig", arch, 1, "attnlrp", "IG(50)", got["input_shape"], got["ig_times_s"]))
-            log(f"lxt {arch}")
+        for seq in args.seq:
+            for arch in args.llms:
+                want_ig = "ig" in args.parts and arch == "gpt2" and seq == args.seq[0]  # IG once: it is slow
+                if "lxt" not in args.parts and not want_ig:
+                    continue
+                spec = {**common, "kind": "lxt", "arch": arch, "batch": 1, "seq": seq,
+                        "lxt": "lxt" in args.parts, "ig": want_ig}
+                got = run_child(spec, python=args.lxt_python)
+                if "times_s" in got:
+                    rows.append(make_row("lxt", arch, 1, "attnlrp", "lxt", got["input_shape"], got["times_s"]))
+                if "ig_times_s" in got:
+                    rows.append(make_row("ig", arch, 1, "attnlrp", "IG(50)", got["input_shape"], got["ig_times_s"]))
+                log(f"lxt {arch} seq={seq}")
 
     import torch
 

@@ -5,8 +5,8 @@ Runs, each in its own process and one after the other (they would slow each othe
 * ``engine``: ``bench_engine.py --repeats 5`` (MLP, ResNet-18, VGG-11 at batch 1 and 8);
 * ``zoo``: ``bench_engine.py`` at the zoo's benchmark sizes (ResNet-50, ViT-B/16, GPT-2 small, an 8-layer
   Llama), batch 1 with ``--repeats 5`` and batch 8 with ``--repeats 3``;
-* ``peers``: ``bench_peers.py`` against LXT (``--repeats 11``, only where ``--lxt-python`` exists), then
-  Zennit and IntegratedGradients(n_steps=50) at batch 1 (``--repeats 3``);
+* ``peers``: ``bench_peers.py`` against LXT at 256 and 512 tokens (``--repeats 11``, only where
+  ``--lxt-python`` exists), then Zennit and IntegratedGradients(n_steps=50) at batch 1 (``--repeats 3``);
 * ``depth``: ``bench_depth.py`` (4 to 64 blocks) with its plot.
 
 Every script writes its JSON into ``--out`` (default ``benchmarks/results/``); this one then reads them back,
@@ -67,7 +67,7 @@ def commands(out: Path, parts: Iterable[str], quick: bool, device: str, lxt_pyth
         runs.append(("zoo-b8.json", [python, engine, *zoo, "--batch", "8", "--repeats", "3", "--device", device]))
     if "peers" in parts and not quick:
         if Path(lxt_python).exists():
-            runs.append(("peers-lxt.json", [python, peers, "--parts", "lxt", "--repeats", "11",
+            runs.append(("peers-lxt.json", [python, peers, "--parts", "lxt", "--repeats", "11", "--seq", "256", "512",
                                             "--lxt-python", lxt_python]))
         runs.append(("peers-zennit-ig.json", [python, peers, "--parts", "zennit", "ig", "--batch", "1",
                                               "--repeats", "3", "--lxt-python", lxt_python]))
@@ -103,6 +103,8 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         elif name.startswith("peers"):
             for row in payload["results"]:
                 where = f"{row['model']} b{row['batch']} {row['rules']}"
+                if row["part"] == "lxt" and "input_shape" in row:  # the LXT part runs at several lengths
+                    where += f" {row['input_shape'][1]} tokens"
                 for kind in ("first", "cached"):
                     if row["part"] == "zennit":
                         measured["ours / Zennit"].append((row["ours_over_peer"][kind], f"{where} {kind}"))

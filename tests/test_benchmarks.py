@@ -101,7 +101,8 @@ def test_suite_verdicts_name_every_workload_that_misses_a_goal():
     results = {
         "engine.json": {"results": [_engine_row("mlp", 1, 0.9, 0.9, 1.0), _engine_row("resnet50", 8, 1.4, 1.25, 1.35)]},
         "zoo-b1.json": {"results": [_engine_row("gpt2", 1, 1.0, 1.0, float("nan"))]},
-        "peers-lxt.json": {"results": [_peer_row("lxt", "llama", 1.1), _peer_row("zennit", "vgg16", 0.5)]},
+        "peers-lxt.json": {"results": [_peer_row("lxt", "llama", 1.1), _peer_row("zennit", "vgg16", 0.5),
+                                       {**_peer_row("lxt", "gpt2", 1.05), "input_shape": [1, 512, 768]}]},
         "peers-zennit-ig.json": {"results": [_peer_row("ig", "resnet50", 1 / 15)]},
         "depth.json": [{"nodes": 10}, {"nodes": 20, "first_us_per_added_node": 20.0, "cached_us_per_added_node": 10.0},
                        {"nodes": 40, "first_us_per_added_node": 26.0, "cached_us_per_added_node": 11.0}],
@@ -113,6 +114,8 @@ def test_suite_verdicts_name_every_workload_that_misses_a_goal():
     # the NaN of a run without memory children is no measurement, not a pass or a miss
     assert verdicts["memory / IxG"]["misses"] == ["resnet50 b8 first", "resnet50 b8 cached"]
     assert verdicts["ours / Zennit"]["met"] and not verdicts["ours / LXT"]["met"]
+    assert verdicts["ours / LXT"]["misses"] == ["llama b1 epsilon first", "llama b1 epsilon cached",
+                                                "gpt2 b1 epsilon 512 tokens first", "gpt2 b1 epsilon 512 tokens cached"]
     assert not verdicts["IG(50) / ours"]["met"] and verdicts["IG(50) / ours"]["worst"] == pytest.approx(15)
     depth = verdicts["depth: time per added node, max / min"]
     assert depth["misses"] == ["first"] and depth["worst"] == pytest.approx(1.3)
