@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import bench_attention  # noqa: E402
 import bench_depth  # noqa: E402
 import bench_engine  # noqa: E402
 
@@ -32,6 +33,17 @@ def test_bench_engine_times_merged_batch_norm_beside_the_default(tmp_path):
     (row,) = json.loads(out.read_text())["results"]
     assert set(row["time_ratio"]) == {"first", "cached", "cached_merge"} and all(v > 0 for v in row["time_ratio"].values())
     assert len(row["times_ms"]["cached_merge"]) == 1
+
+
+def test_bench_attention_prints_one_ratio_per_length(capsys):
+    threads = torch.get_num_threads()
+    try:
+        assert bench_attention.main(["--seq", "16", "40", "--repeats", "1", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the script sets it process-wide
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [row[0] for row in rows] == ["16", "40"]
+    assert all(float(value) > 0 for row in rows for value in row[1:])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
