@@ -16,9 +16,15 @@ Measured calls, all on the same inputs and targets:
 
 Time: median wall-clock time (``time.perf_counter``) over ``--repeats`` calls. All methods of a workload
 run in one child process, interleaved repeat by repeat (ixg, first, cached, ixg, ...) so that background
-load affects all three alike, after one untimed warm-up of each. ``--batch-norm merge`` measures
-DynamicLRP with batch norms merged into the convolutions; ``--batch-norm both`` keeps the default and adds
-``cached_merge`` (a cached call with them merged) to the same interleaved loop, for a like-for-like A/B.
+load affects all three alike, after one untimed warm-up of each. Each timed call's minor page faults
+(``getrusage``) are counted too: glibc hands freed heap memory back to the OS and a later call faults it in
+again, which on a VM can cost a large share of a call. ``--keep-heap`` runs the timing child with
+``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_MMAP_THRESHOLD_`` set high, so that freed memory stays mapped: the
+ratios without that cost (an allocator setting of the user's process, which the library never changes).
+
+``--batch-norm merge`` measures DynamicLRP with batch norms merged into the convolutions; ``--batch-norm
+both`` keeps the default and adds ``cached_merge`` (a cached call with them merged) to the same interleaved
+loop, for a like-for-like A/B.
 
 Peak memory: PyTorch's CPU tensors are plain ``malloc``/``mmap`` memory that ``tracemalloc`` cannot see,
 so memory is read from the kernel. Every measured call runs in a fresh child process that builds the
@@ -246,20 +252,25 @@ def child_time(spec: dict) -> dict:
     for method in methods:  # one untimed call each (warms the cached plan too)
         calls[method]()
     times: dict[str, list[float]] = {m: [] for m in methods}
+    faults: dict[str, list[int]] = {m: [] for m in methods}
     for _ in range(spec["repeats"]):
         for method in methods:
             gc.collect()
             synchronize(device)
+            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             result = calls[method]()
             synchronize(device)
             times[method].append(time.perf_counter() - t0)
+            faults[method].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
             del result
     return {
         "input_shape": list(x.shape),
         "forward_nograd_s": forward_nograd,
         "times_s": times,
         "median_s": {m: statistics.median(v) for m, v in times.items()},
+        "minor_faults": faults,
+        "malloc_env": {k: os.environ.get(k) for k in KEEP_HEAP_MALLOC_ENV},  # what this child ran under
     }
 
 
@@ -312,10 +323,18 @@ def child_memory(spec: dict) -> dict:
     return {"peak_extra_mib": (peak - before) / 1024.0, "rss_before_mib": before / 1024.0, "method": how}
 
 
+# Memory children: glibc serves every buffer of 128 KiB or more by mmap and returns it on free.
+MEMORY_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+# Timing children with --keep-heap: glibc never trims the heap and serves buffers up to 4 GiB from it.
+KEEP_HEAP_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
+
+
 def run_child(spec: dict) -> dict:
-    # Memory children: glibc serves every buffer of 128 KiB or more by mmap and returns it on free.
-    malloc = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-    return child_process.run_child(__file__, spec, env=malloc if spec["kind"] == "memory" else None)
+    if spec["kind"] == "memory":
+        env = MEMORY_MALLOC_ENV
+    else:
+        env = KEEP_HEAP_MALLOC_ENV if spec.get("keep_heap") else None
+    return child_process.run_child(__file__, spec, env=env)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
                              "both: epsilon, plus a cached call with merge in the same interleaved loop)")
     parser.add_argument("--device", default="cpu",
                         help="cpu (default), cuda, cuda:N, or auto (cuda where available, else cpu)")
+    parser.add_argument("--keep-heap", action="store_true",
+                        help="time with glibc's heap trimming off (MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_ "
+                             "set high), to see the ratios without page faults; memory children are unchanged")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -399,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                 "device": args.device,
                 "batch_norm": args.batch_norm,
             }
-            timing = run_child({**base, "kind": "time", "repeats": args.repeats})
+            timing = run_child({**base, "kind": "time", "repeats": args.repeats, "keep_heap": args.keep_heap})
             memory: dict[str, Any] = {}
             how = None
             extra = tuple(m for m in EXTRA_METHODS if m in timing["median_s"])
@@ -417,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
                 "forward_nograd_ms": 1e3 * timing["forward_nograd_s"],
                 "median_ms": median_ms,
                 "times_ms": {m: [1e3 * t for t in v] for m, v in timing["times_s"].items()},
+                "minor_faults": timing["minor_faults"],
+                "median_minor_faults": {m: statistics.median(v) for m, v in timing["minor_faults"].items()},
+                "timing_malloc_env": timing["malloc_env"],
                 "peak_extra_mib": memory,
                 "memory_method": how,
                 "time_ratio": {m: _ratio(median_ms[m], median_ms["ixg"]) for m in ("first", "cached") + extra},
@@ -425,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(
                 f"[{time.perf_counter() - started:6.1f}s] {model} batch={batch}: "
-                f"forward (no grad) {row['forward_nograd_ms']:.1f} ms",
+                f"forward (no grad) {row['forward_nograd_ms']:.1f} ms; minor page faults per call (median) "
+                + ", ".join(f"{m} {n:.0f}" for m, n in row["median_minor_faults"].items()),
                 file=sys.stderr,
                 flush=True,
             )
@@ -434,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nmedian of {args.repeats} calls; x = ours / InputXGradient; MiB = peak extra resident memory of one "
         f"call in a fresh process (fwd: the forward with its graph alone); batch_norm={args.batch_norm}; "
+        f"{'heap kept (glibc trimming off); ' if args.keep_heap else ''}"
         f"device {args.device}; torch "
         f"{torch.__version__}, {args.threads} threads; total {time.perf_counter() - started:.0f} s"
     )
@@ -448,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
                 "batch_norm": args.batch_norm,
                 "threads": args.threads,
                 "repeats": args.repeats,
+                "keep_heap": args.keep_heap,
                 "timing": "median wall-clock (perf_counter), methods interleaved per repeat, after a warm-up",
                 "memory": "peak extra RSS of one call in a fresh child process; see the script's docstring",
             },

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,24 @@ def test_bench_engine_writes_ratios_for_a_small_workload(tmp_path):
     (row,) = payload["results"]
     assert payload["meta"]["device"] == "cpu"
     assert set(row["time_ratio"]) == {"first", "cached"} and all(v > 0 for v in row["time_ratio"].values())
+
+
+def test_bench_engine_counts_page_faults_and_keeps_the_heap_on_request(tmp_path):
+    runs = {}
+    for keep in (False, True):
+        out = tmp_path / f"engine_{keep}.json"
+        argv = ["--models", "mlp", "--batch", "1", "--repeats", "2", "--no-memory", "--json", str(out)]
+        assert bench_engine.main(argv + (["--keep-heap"] if keep else [])) == 0
+        runs[keep] = json.loads(out.read_text())
+    for keep, payload in runs.items():
+        (row,) = payload["results"]
+        assert payload["meta"]["keep_heap"] is keep
+        assert set(row["minor_faults"]) == {"ixg", "first", "cached"}
+        assert all(len(v) == 2 and all(isinstance(n, int) and n >= 0 for n in v) for v in row["minor_faults"].values())
+    # the timing child ran under the allocator settings asked for, and only then
+    assert runs[True]["results"][0]["timing_malloc_env"] == bench_engine.KEEP_HEAP_MALLOC_ENV
+    inherited = {k: os.environ.get(k) for k in bench_engine.KEEP_HEAP_MALLOC_ENV}
+    assert runs[False]["results"][0]["timing_malloc_env"] == inherited
 
 
 def test_bench_engine_times_merged_batch_norm_beside_the_default(tmp_path):
