@@ -647,6 +647,50 @@ def test_repeated_values_are_rebuilt_from_their_first_copy():
                                    rtol=1e-12, atol=1e-14)
 
 
+class CachedAttention(nn.Module):
+    """Keys and values appended to a key/value cache before attention, as Hugging Face's
+    ``DynamicCache.update`` does: ``cat`` of the untracked past (empty on the first call) and the new."""
+
+    def __init__(self, width: int = 8, heads: int = 2, past: int = 0) -> None:
+        super().__init__()
+        self.heads, self.dim, self.past = heads, width // heads, past
+        self.q, self.k, self.v = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width, bias=False)
+        self.out = nn.Linear(width, 3)
+
+    def forward(self, x):
+        batch, length, width = x.shape
+        q, k, v = (proj(x).view(batch, length, self.heads, self.dim).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        generator = torch.Generator().manual_seed(7)
+        past_k, past_v = (torch.randn(batch, self.heads, self.past, self.dim, dtype=x.dtype, generator=generator)
+                          for _ in range(2))
+        k, v = torch.cat((past_k, k), dim=-2), torch.cat((past_v, v), dim=-2)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(o.transpose(1, 2).reshape(batch, length, width)[:, -1])
+
+
+@pytest.mark.parametrize("past", [0, 3], ids=["empty_cache", "filled_cache"])
+def test_outputs_behind_a_key_value_cache_are_rebuilt_by_routing(past):
+    """k and v projected, transposed and appended to a cache: attention keeps the cat's result, and
+    each projection's output is rebuilt from its slice of it instead of recomputed."""
+    torch.manual_seed(0)
+    model = CachedAttention(past=past).to(DT).eval()
+    x, t = torch.randn(2, 5, 8, dtype=DT), torch.tensor([0, 2])
+    kinds = _output_kinds(model, x)
+    assert kinds.count(("AddmmBackward0", "routed")) == 1 and ("MmBackward0", "routed") in kinds  # k and v
+    for store in (True, False):
+        torch.testing.assert_close(run(model, x, t, store=store), run(model, x, t, store=store, kinds=("routed",)),
+                                   rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_cat_inverse_is_the_tracked_slice(first):
+    x = torch.randn(2, 3, 4, dtype=DT, requires_grad=True)
+    constant = torch.randn(2, 5, 4, dtype=DT)
+    y = torch.cat((x, constant) if first else (constant, x), dim=1)
+    rebuilt = ROUTING["CatBackward0"].inverse(y.grad_fn, [y.detach()])
+    assert rebuilt.shape == x.shape and torch.equal(rebuilt, x.detach())
+
+
 def test_expand_inverse_is_the_first_copy():
     x = torch.randn(2, 1, 3, dtype=DT, requires_grad=True)
     y = x.expand(4, 2, 5, 3)

@@ -151,3 +151,39 @@ def test_batch_equals_per_example_and_saved_tensors_freed_after_the_solve():
     # The walk frees saved tensors after their last reader; the solve reads attention's kept q and k.
     t = torch.tensor([0, 1, 2])
     assert torch.equal(run(model, x, t, store=True), run(model, x, t, store=False))
+
+
+class CachedLastTokenLogits(nn.Module):
+    """Last-position logits of a causal LM called as Hugging Face's default does: with its key/value cache."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs_embeds):
+        return self.model(inputs_embeds=inputs_embeds, use_cache=True).logits[:, -1, :]
+
+
+def test_hf_llama_with_its_key_value_cache_replays_no_projection():
+    """``use_cache=True`` puts a ``cat`` with the (empty) past between each rotated k (and each v) and
+    attention. The projections' outputs are still solved for or rebuilt, not replayed, and the
+    relevance is that of ``use_cache=False``."""
+    pytest.importorskip("transformers")
+    from captum_dynamiclrp.modules import parameters_tracked
+
+    from .zoo import ZOO
+
+    case = ZOO["llama3.2-sdpa"]()
+    (x,) = case.inputs
+    cached = CachedLastTokenLogits(case.model)
+    leaf = x.detach().clone().requires_grad_(True)
+    with parameters_tracked(cached):  # as DynamicLRP runs the forward
+        graph = build_graph(cached(leaf).grad_fn, (leaf,))
+    plan = build_plan(graph, RULE_TABLE)
+    assert graph.types.count("CatBackward0") >= 4  # k and v of both layers: the test is not vacuous
+    replayed = {graph.types[s[1]] for s in plan.steps if s[0] == REPLAY}
+    assert not {"MmBackward0", "AddmmBackward0"} & replayed
+    assert plan.count(UNROTATE) == 2 * 2  # q and k of both layers
+    with_cache = DynamicLRP(cached).attribute(x, target=case.target)
+    without_cache = DynamicLRP(case.forward).attribute(x, target=case.target)
+    torch.testing.assert_close(with_cache, without_cache, rtol=1e-4, atol=1e-6 * without_cache.abs().max().item())

@@ -160,8 +160,9 @@ def output_rebuilt_by_routing(
     Every output of a split must be found. Looks at most ``MAX_ROUTING`` nodes deep and at
     ``MAX_VIEW_READERS`` readers in all: O(1) per node. Exact: the rebuilt value has the forward's
     bits (clones and cats copy, the rest are views). That is q, k and v projected together, split,
-    transposed and made contiguous for attention, which keeps the copies, and grouped-query keys
-    and values repeated per head (view, transpose, unsqueeze, expand, copy, view).
+    transposed and made contiguous for attention, which keeps the copies, grouped-query keys
+    and values repeated per head (view, transpose, unsqueeze, expand, copy, view), and keys and
+    values appended to a key/value cache (a ``cat`` with the untracked past, empty or not).
     """
     return _routing_recipe(graph, table, all_consumers, node, 0, 0, [MAX_VIEW_READERS])
 
@@ -181,7 +182,8 @@ def _routing_recipe(graph: AutogradGraph, table: Mapping[str, OpSpec], all_consu
         return None
     for consumer, _ in readers:
         spec = table.get(graph.types[consumer])
-        if spec is None or spec.inverse is None or len(graph.edges[consumer]) != 1:
+        # Inverted for its one tracked operand (the others, if any, are constants: a cat's).
+        if spec is None or spec.inverse is None or sum(child >= 0 for child, _ in graph.edges[consumer]) != 1:
             continue
         parts = []
         for k in range(len(graph.nodes[consumer]._input_metadata)):

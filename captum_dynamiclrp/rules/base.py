@@ -308,11 +308,13 @@ class OpSpec:
             read; otherwise the rule recomputes the output). The rule must not need fewer
             operands when its output is known (no ``needs_given_output``).
         inverse (callable, optional): ``inverse(node, outputs)`` gives back the node's single
-            operand from the values of all of its outputs, for routing ops whose forward drops no
-            element of it: reshapes, permutations, clones and splits (their own vector-Jacobian
-            product, then their inverse) and expand (its first copy). The engine rebuilds an op's
+            tracked operand from the values of all of its outputs, for routing ops whose forward
+            drops no element of it: reshapes, permutations, clones and splits (their own
+            vector-Jacobian product, then their inverse), expand (its first copy) and cat (the
+            tracked operand's slice; the others are constants). The engine rebuilds an op's
             output from values consumers kept behind such nodes (q, k and v made contiguous
-            after a split and a transpose; grouped-query keys and values repeated per head).
+            after a split and a transpose; grouped-query keys and values repeated per head; keys
+            and values appended to a key/value cache).
         view (bool): The node's outputs are always views of its single operand (never a copy),
             so they share its storage; ``fresh_output`` looks through such nodes.
         operand_from_output (callable, optional): ``operand_from_output(node, slot, output,

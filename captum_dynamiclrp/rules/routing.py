@@ -335,6 +335,14 @@ def _inverse_by_vjp(node: Node, outputs: list) -> Tensor:
     return node_vjp(node, outputs)[0]
 
 
+def _tracked_part(node: Node, outputs: list) -> Tensor:
+    """The one tracked operand of ``cat``: its slice of the output (the other operands are constants,
+    such as the empty past of a key/value cache that a transformer appends the new keys to)."""
+    parts = node_vjp(node, outputs)
+    (part,) = [p for p, (child, _) in zip(parts, node.next_functions) if child is not None]
+    return part
+
+
 def _first_copy(node: Node, outputs: list) -> Tensor:
     """The operand of ``expand``: the first copy along every dimension it added or broadcast."""
     shape = list(saved(node, "self_sym_sizes"))
@@ -354,6 +362,7 @@ _INVERTED_BY_VJP = _SHAPE_ONLY + (
 for _name in _INVERTED_BY_VJP:
     ROUTING[_name] = replace(ROUTING[_name], inverse=_inverse_by_vjp)
 ROUTING["ExpandBackward0"] = replace(ROUTING["ExpandBackward0"], inverse=_first_copy)
+ROUTING["CatBackward0"] = replace(ROUTING["CatBackward0"], inverse=_tracked_part)
 # Elementwise max/min of two tensors: winner takes all, ties halved, conserving at NaN.
 ROUTING.update(
     {
