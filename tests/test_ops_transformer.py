@@ -207,6 +207,24 @@ def test_fused_attention_with_dropout_is_a_clear_error():
         relevance(out, (q, k, v), torch.randn_like(out), settings=RuleSettings(epsilon=EPS))
 
 
+@pytest.mark.parametrize("relevant", [(True, True, True), (True, False, True), (False, False, True)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_rule_without_the_kept_output_recomputes_the_same(causal, relevant, monkeypatch):
+    # sigma and rho come from the kept output for all rows at once, or per block from a
+    # recomputed one (an output in another dtype than the relevance): both must agree.
+    monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(attention, "_MIN_ROWS", 2)
+    q, k, v = (torch.randn(2, 3, 7, 4, dtype=DT) for _ in range(3))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    seed = torch.randn_like(out)
+    kept = attention._attention_relevance(q, k, v, None, causal, None, seed, EPS, relevant, out)
+    recomputed = attention._attention_relevance(q, k, v, None, causal, None, seed, EPS, relevant, None)
+    for a, b, wanted in zip(kept, recomputed, relevant):
+        assert (a is None) == (b is None) == (not wanted)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 def test_attention_output_conserves_into_q_k_v():
     q, k, v, kwargs = _attention_inputs({})
     out = F.scaled_dot_product_attention(q, k, v)
