@@ -21,6 +21,10 @@ The goals (ratios measured in one run, never absolute times):
 * ``IntegratedGradients(50) / ours`` >= 20;
 * time per added autograd node flat within 20% as depth doubles (max / min <= 1.2).
 
+The issue sets the time goals at sizes where a forward takes at least ~50 ms. Smaller workloads of the
+``engine`` part still count toward the verdict, but their labels carry their forward time, so that a miss
+there is told apart from one at the benchmark sizes.
+
 ``--device cuda`` (or ``auto``) runs the engine, zoo and depth parts on a GPU; the peer part runs on the CPU.
 ``--quick`` shrinks every part to a smoke test (seconds, no memory children; its figures mean nothing; written
 to ``benchmarks/results/quick/`` unless ``--out`` says otherwise). The full suite takes 25-40 minutes on 2 CPU cores.
@@ -51,6 +55,10 @@ GOALS: dict[str, tuple[float, bool]] = {
     "IG(50) / ours": (20.0, False),
     "depth: time per added node, max / min": (1.2, True),
 }
+
+# The issue sets the time goals at sizes where a forward takes at least about this long. Rows below it
+# (the engine part's batch-1 ResNet-18, the small MLP) still count; their label says so.
+FORWARD_FLOOR_MS = 50.0
 
 
 def commands(out: Path, parts: Iterable[str], quick: bool, device: str, lxt_python: str) -> list[tuple[str, list[str]]]:
@@ -93,9 +101,12 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     for name, payload in results.items():
         if name.startswith(("engine", "zoo")):
             for row in payload["results"]:
-                where = f"{row['model']} b{row['batch']}"
-                measured["time first / IxG"].append((row["time_ratio"]["first"], where))
-                measured["time cached / IxG"].append((row["time_ratio"]["cached"], where))
+                where = timed = f"{row['model']} b{row['batch']}"
+                forward_ms = row.get("forward_nograd_ms")
+                if forward_ms is not None and forward_ms < FORWARD_FLOOR_MS:
+                    timed += f" (forward {forward_ms:.0f} ms < {FORWARD_FLOOR_MS:.0f})"
+                measured["time first / IxG"].append((row["time_ratio"]["first"], timed))
+                measured["time cached / IxG"].append((row["time_ratio"]["cached"], timed))
                 for kind in ("first", "cached"):
                     ratio = row["memory_ratio"][kind]
                     if ratio == ratio:  # NaN when the memory children were skipped
