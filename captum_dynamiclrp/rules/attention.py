@@ -108,6 +108,13 @@ def _stabilised_fraction_(x: Tensor, eps: float) -> Tensor:
     return magnitude.div_(magnitude + eps)
 
 
+def _sigma_rho(relevance: Tensor, out: Tensor, eps: float, rel_probs: bool) -> tuple[Tensor, Optional[Tensor]]:
+    r""":math:`\sigma = R / \mathrm{stab}(o)` and, where the probabilities get relevance, the row sums
+    :math:`\rho = \sigma \cdot o`."""
+    sigma = ratio(relevance, out, eps)
+    return sigma, (sigma * out).sum(-1, keepdim=True) if rel_probs else None
+
+
 def _attention_relevance(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, scale: Optional[float],
     relevance: Tensor, eps: float, relevant: tuple[bool, bool, bool], output: MaybeTensor = None,
@@ -163,14 +170,10 @@ def _attention_relevance(
     sum_k = torch.zeros_like(k3) if rel_k else None  # tau^T q, summed over blocks
     sum_v = torch.zeros_like(v3) if rel_v else None  # A^T sigma, summed over blocks
     rows = _query_blocks(q3.shape[0], length, source, q.device, causal)
-    # Per-row quantities, once for all blocks (each block would cost its own few ops):
-    # the scaled queries, sigma = R / stab(o) and, where the probabilities get relevance, rho = sigma . o.
+    # Per-row quantities once for all blocks (each block would cost its own few ops): the scaled
+    # queries and, from a kept output, sigma and rho.
     q_scaled = q3 * alpha
-    sigma_all = rho_all = None
-    if output is not None:
-        sigma_all = ratio(relevance3, output, eps)
-        if rel_probs:
-            rho_all = (sigma_all * output).sum(-1, keepdim=True)
+    sigma_all, rho_all = _sigma_rho(relevance3, output, eps, rel_probs) if output is not None else (None, None)
     # A mask that only selects (causal, boolean) leaves the kept scores equal to the logits.
     selects = causal or (mask is not None and mask.dtype == torch.bool)
     if causal:  # PyTorch's is_causal (never with attn_mask): query i sees keys 0..i (top-left aligned)
@@ -198,11 +201,8 @@ def _attention_relevance(
         if dead is not None:
             probs.masked_fill_(dead, 0.0)
         probs = probs.view(x.shape)
-        if sigma_all is None:  # no output kept in the relevance dtype: recompute this block's
-            out = torch.bmm(probs, v_seen)
-            sigma = ratio(relevance3[:, start:stop], out, eps)
-            rho = (sigma * out).sum(-1, keepdim=True) if rel_probs else None
-            del out
+        if sigma_all is None:  # no output kept in the relevance dtype: this block's, recomputed
+            sigma, rho = _sigma_rho(relevance3[:, start:stop], torch.bmm(probs, v_seen), eps, rel_probs)
         else:
             sigma = sigma_all[:, start:stop]
             rho = rho_all[:, start:stop] if rel_probs else None
