@@ -181,6 +181,65 @@ def alive_at_first_relu(model: nn.Module, x: torch.Tensor, make_method, watch_he
     return seen
 
 
+class ConvBlock(nn.Module):
+    """conv -> batch norm -> ReLU -> conv -> batch norm, + the block's input, -> ReLU, then a head."""
+
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(channels, channels, 3, padding=1), nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(channels), nn.BatchNorm2d(channels)
+        self.head = nn.Linear(channels * 25, 3)
+
+    def forward(self, x):
+        h = torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        return self.head(h.flatten(1))
+
+
+def test_arrived_relevance_is_freed_before_the_products(monkeypatch):
+    """Convolution, batch-norm and sum rules drop the relevance that reached them once they have
+    :math:`R / \\mathrm{stab}(z)`, before the products (a backward pass likewise frees a gradient
+    once used): checked at each rule's product step, with the result of the unspied walk."""
+    from captum_dynamiclrp.rules import arithmetic, linear, normalization
+
+    torch.manual_seed(0)
+    model = ConvBlock().to(DT).eval()
+    for bn in (model.bn1, model.bn2):  # statistics away from the defaults, so the maps are not identities
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 4, 5, 5, dtype=DT)
+    reference = DynamicLRP(model).attribute(x, target=1)
+
+    arrived: list[weakref.ref] = []
+    seen: list[tuple[str, bool]] = []
+
+    def spying(name: str):
+        spec = RULE_TABLE[name]
+
+        def rule(ctx):
+            arrived.append(weakref.ref(ctx.relevance[0]))
+            return spec.rule(ctx)
+
+        return dataclasses.replace(spec, rule=rule)
+
+    def checkpoint(name: str, function):
+        def checked(*args, **kwargs):
+            gc.collect()
+            seen.append((name, arrived[-1]() is not None))
+            return function(*args, **kwargs)
+
+        return checked
+
+    monkeypatch.setattr(linear.ConvolutionOp, "grads", checkpoint("conv", linear.ConvolutionOp.grads))
+    monkeypatch.setattr(normalization, "_channel_view", checkpoint("batch norm", normalization._channel_view))
+    monkeypatch.setattr(arithmetic, "node_vjp", checkpoint("sum", arithmetic.node_vjp))
+    names = ("ConvolutionBackward0", "NativeBatchNormBackward0", "AddBackward0")
+    result = DynamicLRP(model, rules={name: spying(name) for name in names}).attribute(x, target=1)
+
+    torch.testing.assert_close(result, reference, rtol=0, atol=0)
+    assert sorted(set(seen)) == [("batch norm", False), ("conv", False), ("sum", False)]
+    assert len(seen) == 5  # two convolutions, two batch norms, one sum
+
+
 @pytest.mark.parametrize("layer", [False, True])
 def test_seed_is_freed_after_the_first_step(layer):
     """The seed (as large as the output) is handed over to the walk, which drops it after the root."""

@@ -129,7 +129,7 @@ def _sum_rule(sign: float):
         s = ctx.proven_rectified_ratio()
         if s is None:
             z = ctx.output if ctx.output is not None else _known_sum(ctx.node, ctx.inputs, sign)
-            s = ratio(ctx.out, z, ctx.settings.epsilon)
+            s = ratio(ctx.take_out(), z, ctx.settings.epsilon)
             del z  # free the recomputed sum before the products
         return contribution_epsilon_rule(ctx, s)
 
@@ -173,7 +173,7 @@ def _adaptive_avg_pool(spatial: int):
 
 def _reduction(forward, kept_inputs=None) -> OpSpec:
     def rule(ctx: RuleContext) -> list[MaybeTensor]:
-        return contribution_epsilon_rule(ctx, ratio(ctx.out, forward(ctx.node, ctx.inputs), ctx.settings.epsilon))
+        return contribution_epsilon_rule(ctx, ratio(ctx.take_out(), forward(ctx.node, ctx.inputs), ctx.settings.epsilon))
 
     return OpSpec(
         family="epsilon (signed contributions)",

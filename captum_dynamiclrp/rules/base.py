@@ -207,6 +207,7 @@ class RuleContext:
     rectified: MaybeTensor = None
     rectified_vanishes: bool = False
     affine: Optional[tuple[Tensor, Tensor]] = None
+    _dtype: Optional[torch.dtype] = None  # set once the relevance is handed over (take_out)
 
     def take_rectified(self) -> MaybeTensor:
         """``rectified``, handed over once: the context drops its reference, so that the value
@@ -214,12 +215,30 @@ class RuleContext:
         value, self.rectified = self.rectified, None
         return value
 
+    def take_out(self) -> Tensor:
+        r"""Relevance at the (single) output, handed over: the context drops its reference.
+
+        For a rule that is done with it once it has :math:`R / \mathrm{stab}(z)`: the walk then
+        frees it before the rule's larger products, as a backward pass frees a gradient once
+        the node has used it. Lower peak, and less of the heap is given back to the system and
+        faulted in again on the next call. ``out`` must not be read afterwards; ``dtype`` still
+        holds.
+        """
+        r = self.out
+        self._dtype = r.dtype
+        self.relevance[0] = None
+        return r
+
     def proven_rectified_ratio(self) -> MaybeTensor:
         r""":math:`R / \mathrm{stab}(z)` from ``rectified`` where the output is unknown and the planner
-        proved that exact (``rectified_vanishes``); ``None`` otherwise (the rule then needs :math:`z`)."""
+        proved that exact (``rectified_vanishes``), handing the relevance over (:meth:`take_out`);
+        ``None`` otherwise (the rule then needs :math:`z`, and ``out`` is still there)."""
         if self.output is not None or not self.rectified_vanishes:
             return None
-        return ratio_given_rectified(self.out, self.take_rectified(), self.settings.epsilon, vanishes=True)
+        s = ratio_given_rectified(self.out, self.take_rectified(), self.settings.epsilon, vanishes=True)
+        if s is not None:  # the rule is done with the relevance (see take_out)
+            self.take_out()
+        return s
 
     @property
     def out(self) -> Tensor:
@@ -240,6 +259,8 @@ class RuleContext:
 
     @property
     def dtype(self) -> torch.dtype:
+        if self._dtype is not None:
+            return self._dtype
         for r in self.relevance:
             if r is not None:
                 return r.dtype

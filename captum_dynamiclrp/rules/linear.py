@@ -270,6 +270,7 @@ def _linear_relevance(op: BilinearOp, node: Node, x_is_a: bool, x: Tensor, w: Te
                     z = z.add_(bias)
                 s = ratio(relevance, z, eps)
                 del z
+        del relevance
         if channel_scale is not None:
             s = s.mul_(channel_scale)
         return grad(s, x, w).mul_(x)
@@ -376,7 +377,8 @@ def _bilinear_rule(op: BilinearOp) -> Callable[[RuleContext], list]:
                 z = op.apply(node, a, b)
                 if bias is not None:
                     z = z + bias
-            s = ratio(ctx.out, z, ctx.settings.epsilon).mul_(0.5)
+            s = ratio(ctx.take_out(), z, ctx.settings.epsilon).mul_(0.5)
+            del z
             ga, gb = op.grads(node, s, a, b, True, True)
             result[op.a_slot] = a.to(ctx.dtype) * ga
             result[op.b_slot] = b.to(ctx.dtype) * gb
@@ -389,12 +391,13 @@ def _bilinear_rule(op: BilinearOp) -> Callable[[RuleContext], list]:
             )
         elif rel_a:
             result[op.a_slot] = _linear_relevance(
-                op, node, True, a, b, bias, ctx.out, ctx.settings, output, take_rectified, ctx.rectified_vanishes,
-                channel_scale,
+                op, node, True, a, b, bias, ctx.take_out(), ctx.settings, output, take_rectified,
+                ctx.rectified_vanishes, channel_scale,
             )
         elif rel_b:
             result[op.b_slot] = _linear_relevance(
-                op, node, False, b, a, bias, ctx.out, ctx.settings, output, take_rectified, ctx.rectified_vanishes
+                op, node, False, b, a, bias, ctx.take_out(), ctx.settings, output, take_rectified,
+                ctx.rectified_vanishes,
             )
         return result
 
