@@ -207,7 +207,7 @@ class RuleContext:
     rectified: MaybeTensor = None
     rectified_vanishes: bool = False
     affine: Optional[tuple[Tensor, Tensor]] = None
-    _dtype: Optional[torch.dtype] = None  # set once the relevance is handed over (take_out)
+    _dtype: Optional[torch.dtype] = field(default=None, init=False, repr=False)  # set by take_out
 
     def take_rectified(self) -> MaybeTensor:
         """``rectified``, handed over once: the context drops its reference, so that the value
