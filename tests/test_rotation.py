@@ -115,6 +115,38 @@ def test_unrotate_inverts_the_embedding():
     assert rotation.unrotate(out.to(torch.bfloat16), cos, sin, 8) is None  # too coarse: replay instead
 
 
+def test_layers_sharing_constants_solve_the_system_once_per_call(monkeypatch):
+    """q and k of every layer read one cosine and sine table: the 2x2 system is solved once per call
+    (in each call anew), and the relevance is bit for bit that of solving it at every rotation."""
+
+    class TwoLayers(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            table = rotary(5, 4)  # one table for both layers, as a model computes it once per forward
+            self.first, self.second = Rotary(constants=table), Rotary(constants=table)
+            self.mix = nn.Linear(3, 8)
+
+        def forward(self, x):
+            return self.second(torch.tanh(self.mix(self.first(x))).unsqueeze(1).expand(-1, x.shape[1], -1) + x)
+
+    torch.manual_seed(6)
+    model = TwoLayers().to(DT).eval()
+    x = torch.randn(2, 5, 8, dtype=DT)
+    solves = []
+    real = rotation._coefficients
+    monkeypatch.setattr(rotation, "_coefficients", lambda *a: solves.append(1) or real(*a))
+    lrp = DynamicLRP(model)
+    shared = lrp.attribute(x, target=1)
+    assert lrp.engine.last_run.plan.count(UNROTATE) == 4  # q and k of both layers
+    assert len(solves) == 1
+    lrp.attribute(x, target=1)
+    assert len(solves) == 2  # solved again in the next call: nothing is kept between calls
+    unshared_unrotate = rotation.unrotate
+    monkeypatch.setattr(walker, "unrotate", lambda out, c, s, half, solved: unshared_unrotate(out, c, s, half))
+    assert torch.equal(DynamicLRP(model).attribute(x, target=1), shared)
+    assert len(solves) == 2 + 4
+
+
 def test_singular_constants_fall_back_to_the_replay():
     torch.manual_seed(3)
     ones = torch.ones(1, 1, 5, 4, dtype=DT)

@@ -153,29 +153,60 @@ def _halves(t: Tensor, half: int) -> tuple[Tensor, Tensor]:
     return t[..., :half], t[..., half:]
 
 
-def unrotate(out: Tensor, c: Tensor, s: Tensor, half: int) -> Optional[Tensor]:
-    """``u`` from ``out = u * c + cat(-u[..., half:], u[..., :half]) * s`` (see the module docstring).
+# The solved coefficients of one set of constants, or None for an ill-conditioned system.
+Coefficients = Optional[tuple[Tensor, Tensor, Tensor, Tensor]]
 
-    ``None`` when the system is not well conditioned everywhere (squared Frobenius norm above
-    :data:`MAX_CONDITION` times :math:`|D|`, or not finite), when not on the CPU (the check is a
-    host read-back), or when the constants have the wrong shape: the caller then replays.
-    """
-    if out.device.type != "cpu" or out.dtype not in _PRECISE_ENOUGH or out.shape[-1] != 2 * half:
-        return None
-    if c.shape[-1:] not in ((1,), (2 * half,)) or s.shape[-1:] not in ((1,), (2 * half,)):
-        return None
-    c, s = c.to(out.dtype), s.to(out.dtype)
+
+def _constants_key(c: Tensor, s: Tensor, half: int, dtype: torch.dtype) -> tuple:
+    """Identifies the constants by their memory (address, layout and version), not by object: each
+    layer's product keeps its own view of the one cosine and sine table the model computed."""
+    return tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t._version) for t in (c, s)) + (half, dtype)
+
+
+def _coefficients(c: Tensor, s: Tensor, half: int, dtype: torch.dtype) -> Coefficients:
+    r""":math:`(c_{hi}/D, s_{lo}/D, c_{lo}/D, s_{hi}/D)`, or ``None`` where the system is not well
+    conditioned everywhere (see :func:`unrotate`)."""
+    c, s = c.to(dtype), s.to(dtype)
     c_lo, c_hi = _halves(c, half)
     s_lo, s_hi = _halves(s, half)
     det = c_lo * c_hi + s_lo * s_hi
     norm = c_lo * c_lo + c_hi * c_hi + s_lo * s_lo + s_hi * s_hi
     if not bool((norm <= MAX_CONDITION * det.abs()).all()):  # also False for NaN
         return None
+    return c_hi / det, s_lo / det, c_lo / det, s_hi / det
+
+
+def unrotate(out: Tensor, c: Tensor, s: Tensor, half: int, solved: Optional[dict] = None) -> Optional[Tensor]:
+    """``u`` from ``out = u * c + cat(-u[..., half:], u[..., :half]) * s`` (see the module docstring).
+
+    ``None`` when the system is not well conditioned everywhere (squared Frobenius norm above
+    :data:`MAX_CONDITION` times :math:`|D|`, or not finite), when not on the CPU (the check is a
+    host read-back), or when the constants have the wrong shape: the caller then replays.
+
+    ``solved``: a dict that keeps the coefficients solved for each set of constants (and the
+    constants, so that their memory is not reused while the dict lives), so that the rotations of
+    one call that share them (every layer's query and key) solve the system once. One dict per
+    call: it holds the constants until it is dropped.
+    """
+    if out.device.type != "cpu" or out.dtype not in _PRECISE_ENOUGH or out.shape[-1] != 2 * half:
+        return None
+    if c.shape[-1:] not in ((1,), (2 * half,)) or s.shape[-1:] not in ((1,), (2 * half,)):
+        return None
+    if solved is None:
+        coefficients = _coefficients(c, s, half, out.dtype)
+    else:
+        key = _constants_key(c, s, half, out.dtype)
+        if key not in solved:  # the entry holds c and s, so no other tensor takes their memory meanwhile
+            solved[key] = (_coefficients(c, s, half, out.dtype), c, s)
+        coefficients = solved[key][0]
+    if coefficients is None:
+        return None
+    lo_from_lo, lo_from_hi, hi_from_hi, hi_from_lo = coefficients
     out_lo, out_hi = out[..., :half], out[..., half:]
     u = torch.empty(out.shape, dtype=out.dtype, device=out.device)
     u_lo, u_hi = u[..., :half], u[..., half:]
-    torch.mul(out_lo, c_hi / det, out=u_lo)
-    u_lo.addcmul_(out_hi, s_lo / det)
-    torch.mul(out_hi, c_lo / det, out=u_hi)
-    u_hi.addcmul_(out_lo, s_hi / det, value=-1)
+    torch.mul(out_lo, lo_from_lo, out=u_lo)
+    u_lo.addcmul_(out_hi, lo_from_hi)
+    torch.mul(out_hi, hi_from_hi, out=u_hi)
+    u_hi.addcmul_(out_lo, hi_from_lo, value=-1)
     return u

@@ -282,11 +282,14 @@ def _rebuilt(recipe: tuple, nodes: list) -> Tensor:
     return spec.inverse(nodes[routing_node], [_rebuilt(part, nodes) for part in parts])
 
 
-def _unrotated(step: tuple, nodes: list, values: dict) -> None:
-    """Run an UNROTATE step: solve for the rotated value, or replay the chain where that declines."""
+def _unrotated(step: tuple, nodes: list, values: dict, solved: dict) -> None:
+    """Run an UNROTATE step: solve for the rotated value, or replay the chain where that declines.
+
+    ``solved``: the call's coefficients per set of constants (see :func:`~.rotation.unrotate`).
+    """
     _, _, rotation, output_recipe, chain, replays = step
     c, s = rotation_constants(nodes, rotation)
-    value = None if c is None or s is None else unrotate(_rebuilt(output_recipe, nodes), c, s, rotation[5])
+    value = None if c is None or s is None else unrotate(_rebuilt(output_recipe, nodes), c, s, rotation[5], solved)
     if value is None:
         with torch.no_grad():
             for node, spec, sources in replays:
@@ -409,6 +412,7 @@ def execute(
     relevance[0][seed_output_nr] = seed_box.pop()
     results: list[Optional[Tensor]] = [None] * num_requests
     releases = plan.releases
+    solved: dict = {}  # rotary coefficients, shared by the layers' rotations (rotation.unrotate)
     for index, step in enumerate(plan.steps):
         kind, i = step[0], step[1]
         if kind == PROPAGATE:
@@ -431,7 +435,7 @@ def execute(
             for node in chain:
                 values[node] = (_reshaped(operand, nodes[node]),)
         elif kind == UNROTATE:
-            _unrotated(step, nodes, values)
+            _unrotated(step, nodes, values, solved)
         elif kind == CAPTURE:
             slots = relevance.get(i)
             results[step[3]] = None if slots is None else slots[step[2]]
