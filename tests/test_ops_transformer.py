@@ -149,6 +149,39 @@ def test_fused_attention_equals_its_decomposition(name, preset, blocks, monkeypa
         torch.testing.assert_close(r_fused[2].sum(), (seed * z / stab(z, EPS)).sum())
 
 
+@pytest.mark.parametrize("blocks", ["whole", "two_rows"])
+@pytest.mark.parametrize("rows", ["last", "middle", "first", "none"])
+@pytest.mark.parametrize("name", ["plain", "causal", "bool_mask_dead_row", "float_mask_dead_row", "gqa_causal"])
+def test_fused_attention_skips_query_rows_without_relevance(name, rows, blocks, monkeypatch):
+    """Relevance on some query rows only (a causal LM's last layer, explained at its last position):
+    the blocks cover only the span of rows that carry it, and the result is the decomposition's."""
+    if blocks == "two_rows":
+        monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", 1)
+        monkeypatch.setattr(attention, "_MIN_ROWS", 2)
+    spans = []
+    real = attention._relevant_rows
+    monkeypatch.setattr(attention, "_relevant_rows", lambda r: spans.append(real(r)) or spans[-1])
+    q, k, v, kwargs = _attention_inputs(ATTENTION_CASES[name])
+    settings = RuleSettings(epsilon=EPS)
+    fused = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    keep = {"last": [4], "middle": [1, 3], "first": [0], "none": []}[rows]
+    seed = torch.zeros_like(fused)
+    seed[:, :, keep] = torch.randn_like(seed[:, :, keep])
+    seed[1, 2] = 0.0  # one head without any: the span is that of all heads together
+    r_fused = relevance(fused, (q, k, v), seed, settings=settings)
+    assert spans == [(keep[0], keep[-1] + 1) if keep else (0, 0)]
+    mask = kwargs.get("attn_mask")
+    if mask is not None and mask.is_floating_point():
+        kwargs["attn_mask"] = mask.clone().requires_grad_(True)
+    with sdpa_kernel(SDPBackend.MATH):
+        math = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    r_math = relevance(math, (q, k, v), seed, settings=settings)
+    for a, b in zip(r_fused, r_math):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    outside = [i for i in range(q.shape[-2]) if not keep or not keep[0] <= i <= keep[-1]]
+    assert (r_fused[0][:, :, outside] == 0).all()
+
+
 # The CUDA backends: each forced in turn, its node must give what the math backend's decomposition
 # gives on the same inputs. Flash attention needs half precision; the reference then runs in float64
 # from the same half-precision values, so the tolerance is that of a float16 / bfloat16 forward.

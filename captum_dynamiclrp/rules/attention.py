@@ -25,6 +25,7 @@ rules of its parts, :math:`S = \alpha\,q k^\top + M`, :math:`A = \mathrm{softmax
 The causal mask is applied only when the call asked for it (``is_causal``). The composition is
 computed a block of query rows at a time with five batched matrix products per block, as many as a
 fused attention backward, and no full (queries x keys) intermediate (:func:`_attention_relevance`).
+On the CPU the blocks cover only the span of query rows that carry relevance (:func:`_relevant_rows`).
 """
 
 from __future__ import annotations
@@ -101,6 +102,19 @@ def _query_blocks(batch_heads: int, length: int, source: int, device: torch.devi
     return max(1, min(length, rows))
 
 
+def _relevant_rows(relevance: Tensor) -> tuple[int, int]:
+    """First and one past the last query row that carries relevance (or a NaN) in any head.
+
+    Rows outside that span give nothing to q, k or v, so the blocks skip them: in a causal language
+    model explained at its last position, the last layer's attention then costs one row instead of
+    all. Read back to the host, so on the CPU only (elsewhere the caller takes every row).
+    """
+    live = relevance.ne(0).any(-1).any(0).nonzero()
+    if live.numel() == 0:
+        return 0, 0
+    return int(live[0]), int(live[-1]) + 1
+
+
 def _stabilised_fraction_(x: Tensor, eps: float) -> Tensor:
     r""":math:`x / \mathrm{stab}(x) = |x| / (|x| + \epsilon)`, written into ``x`` (bit for bit: IEEE
     rounding is symmetric)."""
@@ -166,10 +180,14 @@ def _attention_relevance(
     lowest = torch.finfo(dtype).min
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(dtype)
-    r_q = torch.empty_like(q3) if rel_q else None
+    first, last = _relevant_rows(relevance3) if q.device.type == "cpu" else (0, length)
+    if rel_q:  # rows outside [first, last) get nothing; the blocks write the others
+        r_q = torch.empty_like(q3) if (first, last) == (0, length) else torch.zeros_like(q3)
+    else:
+        r_q = None
     sum_k = torch.zeros_like(k3) if rel_k else None  # tau^T q, summed over blocks
     sum_v = torch.zeros_like(v3) if rel_v else None  # A^T sigma, summed over blocks
-    rows = _query_blocks(q3.shape[0], length, source, q.device, causal)
+    rows = _query_blocks(q3.shape[0], max(1, last - first), source, q.device, causal)
     # Per-row quantities once for all blocks (each block would cost its own few ops): the scaled
     # queries and, from a kept output, sigma and rho.
     q_scaled = q3 * alpha
@@ -180,8 +198,8 @@ def _attention_relevance(
         # A block of rows [start, stop) sees every key before start; of the keys [start, stop),
         # row start + i hides those after start + i: one upper triangle serves every block.
         hidden = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu_(1)
-    for start in range(0, length, rows):
-        stop = min(length, start + rows)
+    for start in range(first, last, rows):
+        stop = min(last, start + rows)
         seen = min(source, stop) if causal else source  # keys any row of the block can see
         q_block, k_seen, v_seen = q3[:, start:stop], k3[:, :seen], v3[:, :seen]
         x = torch.bmm(q_scaled[:, start:stop], k_seen.transpose(1, 2))  # the scaled logits
