@@ -776,3 +776,112 @@ def test_output_from_storage_rebuilds_exactly_or_declines():
     assert output_from_storage(view.detach().clone(), z.grad_fn) is None  # a copy: storage of another size
     z.detach()[0, 0] += 1.0  # an in-place write, seen by the shared version counter
     assert output_from_storage(view.detach(), z.grad_fn) is None
+
+
+# ------------------------------------------------------------------ relevance divided in its own buffer
+
+
+def small_in_place_threshold(monkeypatch) -> list:
+    """Every handed-over relevance is eligible (threshold 1, blocks of 5 elements: several, a short last
+    one); returns a list that counts the in-place divisions."""
+    monkeypatch.setattr(base, "_IN_PLACE_MIN", 1)
+    monkeypatch.setattr(base, "_IN_PLACE_BLOCK", 5)
+    count: list = []
+    real = base._divide_by_stabilized_
+    monkeypatch.setattr(base, "_divide_by_stabilized_", lambda *a: count.append(1) or real(*a))
+    return count
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_handed_ratio_divides_in_place_only_where_the_relevance_is_alone(dtype, monkeypatch):
+    count = small_in_place_threshold(monkeypatch)
+    torch.manual_seed(0)
+    z, r = torch.randn(3, 7, dtype=dtype), torch.randn(3, 7, dtype=dtype)
+    z[0, :2] = torch.tensor([0.0, -0.0])  # the stabiliser's signed zeros
+    expected = ratio(r.clone(), z, 1e-3)
+    handed = [r.clone()]
+    address = handed[0].data_ptr()
+    s = base.handed_ratio(handed, z, 1e-3)
+    assert handed == [] and count == [1]
+    assert s.data_ptr() == address and torch.equal(s, expected)  # its own buffer, the same bits
+
+    def hand_over(keep):  # the relevance alone in the list, plus what ``keep`` makes of it
+        t = r.clone()
+        kept = keep(t)
+        handed = [t]
+        del t
+        return handed, kept
+
+    for keep in (lambda t: [t], lambda t: t.view(-1), lambda t: t[:1]):  # another reference, a view of it, of part
+        handed, kept = hand_over(keep)
+        s = base.handed_ratio(handed, z, 1e-3)
+        assert torch.equal(s, expected) and count == [1]
+        seen = kept[0] if isinstance(kept, list) else kept
+        assert torch.equal(seen, r.view(-1) if seen.dim() == 1 else r[: seen.shape[0]])  # untouched
+    # Not of z's shape, not contiguous, another dtype: the plain ratio.
+    for handed, other_z in (([r.clone()[:, :1]], z[:, :1]), ([r.clone().t()], z.t()), ([r.clone().double()], z.float())):
+        base.handed_ratio(handed, other_z, 1e-3)
+    assert count == [1]
+
+
+class CaptureBlock(nn.Module):
+    """ConvBlock that also hands out the first convolution's output, to request its relevance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = ConvBlock()
+
+    def forward(self, x):
+        b = self.block
+        c1 = b.conv1(x)
+        h = torch.relu(x + b.bn2(b.conv2(torch.relu(b.bn1(c1)))))
+        return b.head(h.flatten(1)), c1
+
+
+def test_relevance_divided_in_place_gives_the_bits_of_the_plain_walk(monkeypatch):
+    """With every handed-over relevance eligible, the walk writes ratios into the relevance's buffer
+    wherever it is alone, and gives bit for bit what it gives without that. Written in place: on
+    convolutions with batch norm and a residual sum, and pre-norm residual blocks. Kept intact where
+    something else holds it: a requested intermediate (the results hold its relevance while its
+    producer's rule runs), a seed that is the output itself (target None: it shares the output's
+    storage, which the convergence delta reads afterwards), relevance that is a view (fused attention
+    behind reshapes)."""
+    torch.manual_seed(0)
+    block = ConvBlock().to(DT).eval()
+    for bn in (block.bn1, block.bn2):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    x_block = torch.randn(2, 4, 5, 5, dtype=DT)
+    in_place = [(block, x_block, 1), (ResidualStream().to(DT).eval(), torch.randn(3, 8, dtype=DT), torch.tensor([0, 2, 1]))]
+    kept = [
+        (SplitAttention().to(DT).eval(), torch.randn(2, 5, 8, dtype=DT), 2),
+        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(36, 1)).to(DT).eval(), torch.randn(2, 3, 5, 5, dtype=DT), None),
+    ]
+    capture = CaptureBlock().to(DT).eval()
+    capture.block.load_state_dict(block.state_dict())
+
+    def attribute(model, x, t):
+        return DynamicLRP(model).attribute(x, target=t, return_convergence_delta=True)
+
+    def requested() -> tuple:
+        x = x_block.clone().requires_grad_(True)
+        out, c1 = capture(x)
+        seed = torch.zeros_like(out)
+        seed[:, 1] = out[:, 1].detach()
+        return Engine().relevance(out, (x, c1), seed)
+
+    plain = [attribute(*case) for case in in_place + kept]
+    plain_requested = requested()
+    count = small_in_place_threshold(monkeypatch)
+    for index, (case, (expected, delta)) in enumerate(zip(in_place + kept, plain)):
+        before = len(count)
+        got, got_delta = attribute(*case)
+        assert torch.equal(got, expected) and torch.equal(got_delta, delta)
+        assert (len(count) > before) == (index < len(in_place))  # not vacuous: some ratio was written in place
+    before = len(count)
+    for got, expected in zip(requested(), plain_requested):
+        assert torch.equal(got, expected)
+    assert len(count) > before  # the second convolution's
+    monkeypatch.setattr(base, "_LONE", None)  # the switch the comparison relies on
+    before = len(count)
+    assert torch.equal(attribute(*in_place[0])[0], plain[0][0]) and len(count) == before

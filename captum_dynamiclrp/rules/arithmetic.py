@@ -46,7 +46,6 @@ from .base import (
     needs_all_inputs,
     needs_relevant_inputs,
     node_vjp,
-    ratio,
     saved,
     signed_dim,
     sum_to,
@@ -56,7 +55,7 @@ from .base import (
 def contribution_epsilon_rule(ctx: RuleContext, s: Tensor) -> list[MaybeTensor]:
     r"""Epsilon on contributions: :math:`R_{x_i} = x_i \odot J_i^\top s`, :math:`s = R / \mathrm{stab}(z)`.
 
-    Callers pass ``s = ratio(ctx.out, z, eps)`` so that ``z`` is freed before the products; ``s`` is
+    Callers pass ``s = ctx.ratio(z)`` so that ``z`` is freed before the products; ``s`` is
     the rule's own, so the last product may be written into the VJP's result (one buffer less).
     """
     grads = node_vjp(ctx.node, (s,))
@@ -129,7 +128,7 @@ def _sum_rule(sign: float):
         s = ctx.proven_rectified_ratio()
         if s is None:
             z = ctx.output if ctx.output is not None else _known_sum(ctx.node, ctx.inputs, sign)
-            s = ratio(ctx.take_out(), z, ctx.settings.epsilon)
+            s = ctx.ratio(z)
             del z  # free the recomputed sum before the products
         return contribution_epsilon_rule(ctx, s)
 
@@ -173,7 +172,7 @@ def _adaptive_avg_pool(spatial: int):
 
 def _reduction(forward, kept_inputs=None) -> OpSpec:
     def rule(ctx: RuleContext) -> list[MaybeTensor]:
-        return contribution_epsilon_rule(ctx, ratio(ctx.take_out(), forward(ctx.node, ctx.inputs), ctx.settings.epsilon))
+        return contribution_epsilon_rule(ctx, ctx.ratio(forward(ctx.node, ctx.inputs)))
 
     return OpSpec(
         family="epsilon (signed contributions)",

@@ -64,6 +64,7 @@ from .base import (
     OpSpec,
     RuleContext,
     RuleSettings,
+    handed_ratio,
     needs_all_inputs,
     ratio,
     ratio_given_rectified,
@@ -258,19 +259,21 @@ def _linear_relevance(op: BilinearOp, node: Node, x_is_a: bool, x: Tensor, w: Te
     eps = settings.epsilon
     dtype = relevance.dtype
     if settings.linear == "epsilon":
+        handed = [relevance]
+        del relevance  # handed over: the ratio may be written into it where nothing else refers to it
         if output is not None:
-            s = ratio(relevance, output, eps)
+            s = handed_ratio(handed, output, eps)
         else:
-            s = ratio_given_rectified(relevance, take_rectified(), eps, rectified_vanishes)
+            s = ratio_given_rectified(handed[0], take_rectified(), eps, rectified_vanishes)
             if s is None:  # recompute z; it is freed as soon as the ratio exists
                 z = apply(x, w)
                 if channel_scale is not None:
                     z = z.mul_(channel_scale) if bias is None else torch.addcmul(bias, z, channel_scale)
                 elif bias is not None:
                     z = z.add_(bias)
-                s = ratio(relevance, z, eps)
+                s = handed_ratio(handed, z, eps)
                 del z
-        del relevance
+        handed.clear()  # done with the relevance: freed before the products
         if channel_scale is not None:
             s = s.mul_(channel_scale)
         return grad(s, x, w).mul_(x)
@@ -377,7 +380,7 @@ def _bilinear_rule(op: BilinearOp) -> Callable[[RuleContext], list]:
                 z = op.apply(node, a, b)
                 if bias is not None:
                     z = z + bias
-            s = ratio(ctx.take_out(), z, ctx.settings.epsilon).mul_(0.5)
+            s = ctx.ratio(z).mul_(0.5)
             del z
             ga, gb = op.grads(node, s, a, b, True, True)
             result[op.a_slot] = a.to(ctx.dtype) * ga

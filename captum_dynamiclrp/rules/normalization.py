@@ -39,7 +39,6 @@ from .base import (
     Node,
     OpSpec,
     RuleContext,
-    ratio,
     saved,
     signed_dim,
     stabilize,
@@ -95,7 +94,7 @@ def batch_norm_rule(ctx: RuleContext) -> list[MaybeTensor]:
     if s is None:
         # z: kept by a consumer, rebuilt by a promise (residual branch), or else recomputed here.
         z = ctx.output if ctx.output is not None else _replay(ctx.node, x, ctx.inputs[2])
-        s = ratio(ctx.take_out(), z, ctx.settings.epsilon)
+        s = ctx.ratio(z)
         del z  # free a recomputed output before the products
     scale = _channel_view(_scale(ctx.node, _mean_invstd(ctx.node)[1]), x)
     return [s.mul_(x).mul_(scale), None, None]
@@ -157,7 +156,7 @@ def layer_norm_rule(ctx: RuleContext) -> list[MaybeTensor]:
     r"""Constant normaliser: :math:`R_x = x \odot (g - \overline{g})`, :math:`g = \rho w \odot R / \mathrm{stab}(z)`."""
     x = ctx.inputs[0]
     gain, z, dims = _layer_norm_parts(ctx.node, ctx.inputs)
-    g = ratio(ctx.take_out(), z, ctx.settings.epsilon).mul_(gain)
+    g = ctx.ratio(z).mul_(gain)
     del z
     return [x.to(ctx.dtype) * (g - g.mean(dims, keepdim=True)), None, None]
 
@@ -188,7 +187,7 @@ def group_norm_rule(ctx: RuleContext) -> list[MaybeTensor]:
     r"""Constant normaliser per group: :math:`R_x = x \odot (g - \overline{g})` (mean over each group)."""
     x = ctx.inputs[0]
     gain, z, groups = _group_norm_parts(ctx.node, ctx.inputs)
-    g = ratio(ctx.take_out(), z, ctx.settings.epsilon).mul_(gain)
+    g = ctx.ratio(z).mul_(gain)
     del z
     grouped = g.reshape(x.shape[0], groups, -1)
     centered = (grouped - grouped.mean(-1, keepdim=True)).reshape(x.shape)
