@@ -133,9 +133,8 @@ def handed_ratio(handed: list[Tensor], z: Tensor, eps: float) -> Tensor:
     r""":func:`ratio` of relevance handed over in a one-element list (which it empties), written into the
     relevance's own buffer where nothing else can see it.
 
-    The quotient then needs no buffer of its own, and the rule's peak holds one tensor of the layer's
-    size less, as a backward pass overwrites nothing but does not hold the gradient twice either. Taken
-    on the CPU for contiguous float32 / float64 relevance of ``z``'s shape and dtype with at least
+    The quotient then needs no buffer of its own, so the rule's peak holds one tensor of the layer's
+    size less and takes no fresh memory to fault in. Taken on the CPU for contiguous float32 / float64 relevance of ``z``'s shape and dtype with at least
     :data:`_IN_PLACE_MIN` elements, owning its whole storage, and only where it is alone: no other
     Python reference to it (its reference count equals that of a tensor one local variable holds,
     measured the same way when this module was imported) and no other tensor on its storage. Anything
