@@ -52,7 +52,7 @@ def _epsilon_scalar(eps: float, dtype: torch.dtype) -> Tensor:
         return torch.tensor(eps, dtype=dtype)
 
 
-def stabilize(z: Tensor, eps: float) -> Tensor:
+def stabilize(z: Tensor, eps: float, out: MaybeTensor = None) -> Tensor:
     r"""Epsilon stabiliser :math:`z + \epsilon\,\mathrm{sign}(z)` with :math:`\mathrm{sign}(+0) = +1`.
 
     Never a bare ``z + eps``: a negative pre-activation must move away from zero too.
@@ -61,11 +61,12 @@ def stabilize(z: Tensor, eps: float) -> Tensor:
     :math:`|z| + \epsilon` in a wider type before rounding, which a pre-rounded :math:`\epsilon`
     would not match, so they take :math:`\mathrm{copysign}(|z| + \epsilon, z)`: three passes.
     Both give the bits of the definition (IEEE rounding is symmetric; ``-0`` gets
-    :math:`-\epsilon`). No host synchronisation.
+    :math:`-\epsilon`). No host synchronisation. ``out``: a buffer of ``z``'s shape and dtype to
+    write the result into (default: a new one).
     """
     if z.dtype in _EPSILON_EXACT:
-        return torch.copysign(_epsilon_scalar(eps, z.dtype), z).add_(z)
-    return z.abs().add_(eps).copysign_(z)
+        return torch.copysign(_epsilon_scalar(eps, z.dtype), z, out=out).add_(z)
+    return torch.abs(z, out=out).add_(eps).copysign_(z)
 
 
 def ratio(relevance: Tensor, z: Tensor, eps: float) -> Tensor:
@@ -120,12 +121,9 @@ def _divide_by_stabilized_(relevance: Tensor, z: Tensor, eps: float) -> Tensor:
     n = flat_r.numel()
     block = min(n, _IN_PLACE_BLOCK)
     scratch = torch.empty(block, dtype=z.dtype, device=z.device)
-    e = _epsilon_scalar(eps, z.dtype)
     for start in range(0, n, block):
         stop = min(n, start + block)
-        denominator, z_block = scratch[: stop - start], flat_z[start:stop]
-        torch.copysign(e, z_block, out=denominator).add_(z_block)  # as stabilize: the same bits
-        flat_r[start:stop].div_(denominator)
+        flat_r[start:stop].div_(stabilize(flat_z[start:stop], eps, out=scratch[: stop - start]))
     return relevance
 
 
@@ -134,8 +132,9 @@ def handed_ratio(handed: list[Tensor], z: Tensor, eps: float) -> Tensor:
     relevance's own buffer where nothing else can see it.
 
     The quotient then needs no buffer of its own, so the rule's peak holds one tensor of the layer's
-    size less and takes no fresh memory to fault in. Taken on the CPU for contiguous float32 / float64 relevance of ``z``'s shape and dtype with at least
-    :data:`_IN_PLACE_MIN` elements, owning its whole storage, and only where it is alone: no other
+    size less and takes no fresh memory to fault in. Taken on the CPU for contiguous float32 / float64
+    relevance of ``z``'s shape and dtype with at least :data:`_IN_PLACE_MIN` elements, owning its whole
+    storage, and only where it is alone: no other
     Python reference to it (its reference count equals that of a tensor one local variable holds,
     measured the same way when this module was imported) and no other tensor on its storage. Anything
     else (a relevance a rule handed to two operands, a captured result, the seed viewing the output)
@@ -143,9 +142,9 @@ def handed_ratio(handed: list[Tensor], z: Tensor, eps: float) -> Tensor:
     """
     relevance = handed.pop()
     if (
-        _LONE is not None
+        relevance.numel() >= _IN_PLACE_MIN  # the cheapest test first: most relevance is smaller
+        and _LONE is not None
         and relevance.device.type == "cpu"
-        and relevance.numel() >= _IN_PLACE_MIN
         and relevance.dtype == z.dtype
         and relevance.dtype in _EPSILON_EXACT
         and relevance.shape == z.shape
