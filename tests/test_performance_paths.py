@@ -3,7 +3,8 @@
 * saved tensors owned by the engine (``engine/saved.py``) are freed during the walk, never too early;
 * a linear rule reads its own output from a ReLU that kept ``max(z, 0)`` (``ratio_given_rectified``)
   only where that is exact, and from a value a promise already rebuilt (``("value", node)`` sources);
-* rows without relevance are skipped in ``x @ W`` (``rules/rows.py``).
+* rows without relevance are skipped in ``x @ W`` (``rules/rows.py``);
+* a strided pointwise convolution's input gradient is a stride-1 one scattered into zeros.
 
 No timings here: ``benchmarks/bench_engine.py`` measures them.
 """
@@ -885,3 +886,76 @@ def test_relevance_divided_in_place_gives_the_bits_of_the_plain_walk(monkeypatch
     monkeypatch.setattr(base, "_LONE", None)  # the switch the comparison relies on
     before = len(count)
     assert torch.equal(attribute(*in_place[0])[0], plain[0][0]) and len(count) == before
+
+
+# ------------------------------------------------------------------ strided pointwise convolutions
+
+from captum_dynamiclrp.rules import linear as linear_rules  # noqa: E402
+
+STRIDED_POINTWISE = [  # input shape, weight shape, stride, groups
+    ((2, 6, 9, 7), (4, 6, 1, 1), [2, 2], 1),
+    ((2, 6, 9, 7), (4, 3, 1, 1), [3, 2], 2),  # sizes the stride does not divide; grouped
+    ((2, 6, 8, 8), (4, 6, 1, 1), [1, 2], 1),  # a stride in one dimension only
+    ((1, 4, 10), (5, 4, 1), [2], 1),
+    ((1, 4, 5, 6, 7), (3, 4, 1, 1, 1), [2, 1, 3], 1),
+]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shapes", STRIDED_POINTWISE, ids=lambda c: f"{len(c[0]) - 2}d-s{c[2]}-g{c[3]}")
+def test_strided_pointwise_input_grad_is_that_of_autograd(shapes, channels_last):
+    x_shape, w_shape, stride, groups = shapes
+    torch.manual_seed(0)
+    x, w = torch.randn(*x_shape, dtype=DT), torch.randn(*w_shape, dtype=DT)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    z = nn.functional.conv1d if x.dim() == 3 else nn.functional.conv2d if x.dim() == 4 else nn.functional.conv3d
+    out = z(x, w, stride=stride, groups=groups)
+    s = torch.randn_like(out)
+    (expected,) = torch.autograd.grad(out, x, s)
+    node = out.grad_fn
+    assert linear_rules._is_strided_pointwise(w, list(stride), [0] * len(stride), False)
+    got, none = linear_rules.ConvolutionOp().grads(node, s, x.detach(), w, True, False)
+    assert none is None and torch.equal(got, expected) and got.stride() == expected.stride()
+    _, w_grad = linear_rules.ConvolutionOp().grads(node, s, x.detach(), w, True, True)
+    assert torch.equal(w_grad, torch.autograd.grad(z(x, w.requires_grad_(True), stride=stride, groups=groups), w, s)[0])
+
+
+def test_only_strided_pointwise_convolutions_take_the_scatter():
+    w1, w3 = torch.zeros(4, 4, 1, 1), torch.zeros(4, 4, 3, 3)
+    assert linear_rules._is_strided_pointwise(w1, [2, 2], [0, 0], False)
+    assert not linear_rules._is_strided_pointwise(w1, [1, 1], [0, 0], False)  # no stride: autograd's kernel
+    assert not linear_rules._is_strided_pointwise(w1, [2, 2], [1, 1], False)  # padding reads the border
+    assert not linear_rules._is_strided_pointwise(w3, [2, 2], [0, 0], False)
+    assert not linear_rules._is_strided_pointwise(w1, [2, 2], [0, 0], True)  # transposed
+
+
+class Downsample(nn.Module):
+    """A residual block whose shortcut is a strided 1 x 1 convolution with batch norm (ResNet's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.shortcut = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2, bias=False), nn.BatchNorm2d(8))
+        self.head = nn.Linear(8 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x)) + self.shortcut(x)).flatten(1))
+
+
+def test_walk_with_the_scatter_gives_the_walk_without_it(monkeypatch):
+    torch.manual_seed(0)
+    model = Downsample().to(DT).eval()
+    for bn in (model.bn, model.shortcut[1]):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    x, target = torch.randn(3, 4, 7, 7, dtype=DT), torch.tensor([0, 2, 1])
+    taken: list = []
+    real = linear_rules._strided_pointwise_input_grad
+    monkeypatch.setattr(linear_rules, "_strided_pointwise_input_grad", lambda *a: taken.append(1) or real(*a))
+    got = DynamicLRP(model).attribute(x, target=target)
+    assert taken  # the shortcut's rule took it
+    monkeypatch.setattr(linear_rules, "_is_strided_pointwise", lambda *a: False)
+    assert torch.allclose(got, DynamicLRP(model).attribute(x, target=target), rtol=1e-12, atol=1e-14)
