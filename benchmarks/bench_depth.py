@@ -10,7 +10,7 @@ garbage collector off while timing; the JSON also has medians), divided by the n
 and the time per node added since the previous depth (the slope, free of each call's fixed
 cost). Flat columns mean O(nodes + edges).
 
-Run: ``python benchmarks/bench_depth.py [--repeats 25] [--json out.json] [--plot out.png]``;
+Run: ``python benchmarks/bench_depth.py [--repeats 100] [--json out.json] [--plot out.png]``;
 ``--device cuda`` (or ``auto``) runs the stacks on a GPU, synchronising before and after every timed call.
 """
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     parser.add_argument("--width", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto")

@@ -53,7 +53,8 @@ GOALS: dict[str, tuple[float, bool]] = {
     "ours / Zennit": (1.0, True),
     "ours / LXT": (1.0, True),
     "IG(50) / ours": (20.0, False),
-    "depth: time per added node, max / min": (1.2, True),
+    "depth: time per node, max / min": (1.2, True),  # the criterion
+    "depth: time per added node, max / min": (1.2, True),  # stricter: the slope, free of fixed costs
 }
 
 FORWARD_FLOOR_MS = 50.0  # the size floor for the time goals (see the module docstring)
@@ -123,6 +124,9 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
                         measured["IG(50) / ours"].append((row["peer_over_ours"][kind], f"{where} {kind}"))
         elif name.startswith("depth"):
             for kind in ("first", "cached"):
+                per_node = [row[f"{kind}_us_per_node"] for row in payload if f"{kind}_us_per_node" in row]
+                if len(per_node) >= 2 and min(per_node) > 0:
+                    measured["depth: time per node, max / min"].append((max(per_node) / min(per_node), kind))
                 slopes = [row[f"{kind}_us_per_added_node"] for row in payload if f"{kind}_us_per_added_node" in row]
                 if len(slopes) >= 2 and min(slopes) > 0:
                     measured["depth: time per added node, max / min"].append((max(slopes) / min(slopes), kind))

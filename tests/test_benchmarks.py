@@ -135,8 +135,11 @@ def test_suite_verdicts_name_every_workload_that_misses_a_goal():
         "peers-lxt.json": {"results": [_peer_row("lxt", "llama", 1.1), _peer_row("zennit", "vgg16", 0.5),
                                        {**_peer_row("lxt", "gpt2", 1.05), "input_shape": [1, 512, 768]}]},
         "peers-zennit-ig.json": {"results": [_peer_row("ig", "resnet50", 1 / 15)]},
-        "depth.json": [{"nodes": 10}, {"nodes": 20, "first_us_per_added_node": 20.0, "cached_us_per_added_node": 10.0},
-                       {"nodes": 40, "first_us_per_added_node": 26.0, "cached_us_per_added_node": 11.0}],
+        "depth.json": [{"nodes": 10, "first_us_per_node": 30.0, "cached_us_per_node": 20.0},
+                       {"nodes": 20, "first_us_per_node": 25.0, "cached_us_per_node": 15.0,
+                        "first_us_per_added_node": 20.0, "cached_us_per_added_node": 10.0},
+                       {"nodes": 40, "first_us_per_node": 25.5, "cached_us_per_node": 13.0,
+                        "first_us_per_added_node": 26.0, "cached_us_per_added_node": 11.0}],
     }
     verdicts = {v["goal"]: v for v in run_all.evaluate(results)}
     assert verdicts["time first / IxG"]["met"] and verdicts["time first / IxG"]["worst"] == 1.4
@@ -150,6 +153,8 @@ def test_suite_verdicts_name_every_workload_that_misses_a_goal():
     assert not verdicts["IG(50) / ours"]["met"] and verdicts["IG(50) / ours"]["worst"] == pytest.approx(15)
     depth = verdicts["depth: time per added node, max / min"]
     assert depth["misses"] == ["first"] and depth["worst"] == pytest.approx(1.3)
+    per_node = verdicts["depth: time per node, max / min"]  # 30 / 25 first, 20 / 13 cached
+    assert per_node["misses"] == ["cached"] and per_node["worst"] == pytest.approx(20 / 13)
 
 
 def test_suite_verdicts_label_rows_below_the_issues_forward_floor():
