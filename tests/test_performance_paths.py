@@ -931,6 +931,21 @@ def test_only_strided_pointwise_convolutions_take_the_scatter():
     assert not linear_rules._is_strided_pointwise(w1, [2, 2], [0, 0], True)  # transposed
 
 
+def test_a_weight_much_larger_than_the_gradient_keeps_autograds_kernel(monkeypatch):
+    # One 1 x 1 output position against a 64 x 32 weight: the scatter's weight reorder would cost more.
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 32, 2, 2, dtype=DT, requires_grad=True), torch.randn(64, 32, 1, 1, dtype=DT)
+    out = nn.functional.conv2d(x, w, stride=2)
+    s = torch.randn_like(out)
+    assert linear_rules._is_strided_pointwise(w, [2, 2], [0, 0], False)
+    assert not linear_rules._scatter_pays(s, w) and linear_rules._scatter_pays(s.expand(32, -1, -1, -1), w)
+    taken: list = []
+    real = linear_rules._strided_pointwise_input_grad
+    monkeypatch.setattr(linear_rules, "_strided_pointwise_input_grad", lambda *a: taken.append(1) or real(*a))
+    got, _ = linear_rules.ConvolutionOp().grads(out.grad_fn, s, x.detach(), w, True, False)
+    assert not taken and torch.equal(got, torch.autograd.grad(out, x, s)[0])
+
+
 class Downsample(nn.Module):
     """A residual block whose shortcut is a strided 1 x 1 convolution with batch norm (ResNet's)."""
 
