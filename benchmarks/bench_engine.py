@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import child_process
+from ratios import paired_ratio
 
 METHODS = ("ixg", "first", "cached")
 EXTRA_METHODS = ("cached_merge",)  # with --batch-norm both
@@ -445,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
                 "peak_extra_mib": memory,
                 "memory_method": how,
                 "time_ratio": {m: _ratio(median_ms[m], median_ms["ixg"]) for m in ("first", "cached") + extra},
+                # Round by round (see ratios.py): the noise of this run's time ratio.
+                "paired_time_ratio": {
+                    m: paired_ratio(timing["times_s"][m], timing["times_s"]["ixg"]) for m in ("first", "cached") + extra
+                },
                 "memory_ratio": {m: _ratio(memory[m], memory["ixg"]) for m in ("first", "cached") + extra},
             }
             rows.append(row)

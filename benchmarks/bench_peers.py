@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import child_process
+from ratios import paired_ratio
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("zennit", "lxt", "ig")
@@ -295,6 +296,9 @@ def make_row(part: str, model: str, batch: int, rules: str, peer: str, shape: li
         "times_ms": {m: [1e3 * t for t in v] for m, v in times.items()},
         "ours_over_peer": {m: median_ms[m] / median_ms["peer"] for m in ("first", "cached")},
         "peer_over_ours": {m: median_ms["peer"] / median_ms[m] for m in ("first", "cached")},
+        # Round by round (see ratios.py): the noise of this run's ratios.
+        "paired_ours_over_peer": {m: paired_ratio(times[m], times["peer"]) for m in ("first", "cached")},
+        "paired_peer_over_ours": {m: paired_ratio(times["peer"], times[m]) for m in ("first", "cached")},
     }
 
 

@@ -21,6 +21,10 @@ The goals (ratios measured in one run, never absolute times):
 * ``IntegratedGradients(50) / ours`` >= 20;
 * time per added autograd node flat within 20% as depth doubles (max / min <= 1.2).
 
+Each time ratio is the ratio of two medians; where the scripts' JSON has them, the verdict lines add the
+quartiles of the round-by-round ratios (``[rounds q1-q3]``, see ``ratios.py``): a miss whose rounds straddle
+the limit is within this run's noise.
+
 The issue sets the time goals at sizes where a forward takes at least ~50 ms. Smaller workloads of the
 ``engine`` part still count toward the verdict, but their labels carry their forward time, so that a miss
 there is told apart from one at the benchmark sizes.
@@ -84,10 +88,21 @@ def commands(out: Path, parts: Iterable[str], quick: bool, device: str, lxt_pyth
     return [(name, argv + ["--json", str(out / name)]) for name, argv in runs]
 
 
-def _worst(values: list[tuple[float, str]], at_most: bool) -> Optional[tuple[float, str]]:
+def _worst(values: list[tuple[float, str, Optional[dict]]], at_most: bool) -> Optional[tuple[float, str, Optional[dict]]]:
     if not values:
         return None
-    return max(values) if at_most else min(values)
+    pick = max if at_most else min
+    return pick(values, key=lambda v: v[0])
+
+
+def _paired(row: dict, field: str, kind: str) -> Optional[dict]:
+    """The round-by-round ratio (median, quartiles) of ``row[field][kind]``, if the row has it (older JSON
+    files do not)."""
+    return row.get(field, {}).get(kind)
+
+
+def _spread(paired: Optional[dict]) -> str:
+    return "" if paired is None else f" [rounds {paired['q1']:.2f}-{paired['q3']:.2f}]"
 
 
 def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -95,8 +110,11 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     Each verdict holds the worst measured value and where it was measured, the limit, whether it
     is met, and every workload that misses it. Goals with no measurement are reported as not measured.
+    Time ratios also carry their round-by-round quartiles (``ratios.py``) where the JSON has them: the
+    worst one's as ``worst_rounds``, and each miss's in its label, so that a miss inside the run's own
+    noise is told apart from a clear one.
     """
-    measured: dict[str, list[tuple[float, str]]] = {goal: [] for goal in GOALS}
+    measured: dict[str, list[tuple[float, str, Optional[dict]]]] = {goal: [] for goal in GOALS}
     for name, payload in results.items():
         if name.startswith(("engine", "zoo")):
             for row in payload["results"]:
@@ -104,43 +122,48 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
                 forward_ms = row.get("forward_nograd_ms")
                 if forward_ms is not None and forward_ms < FORWARD_FLOOR_MS:
                     timed += f" (forward {forward_ms:.0f} ms < {FORWARD_FLOOR_MS:.0f})"
-                measured["time first / IxG"].append((row["time_ratio"]["first"], timed))
-                measured["time cached / IxG"].append((row["time_ratio"]["cached"], timed))
+                for kind in ("first", "cached"):
+                    paired = _paired(row, "paired_time_ratio", kind)
+                    measured[f"time {kind} / IxG"].append((row["time_ratio"][kind], timed, paired))
                 for kind in ("first", "cached"):
                     ratio = row["memory_ratio"][kind]
                     if ratio == ratio:  # NaN when the memory children were skipped
-                        measured["memory / IxG"].append((ratio, f"{where} {kind}"))
+                        measured["memory / IxG"].append((ratio, f"{where} {kind}", None))
         elif name.startswith("peers"):
             for row in payload["results"]:
                 where = f"{row['model']} b{row['batch']} {row['rules']}"
                 if row["part"] == "lxt" and "input_shape" in row:  # the LXT part runs at several lengths
                     where += f" {row['input_shape'][1]} tokens"
                 for kind in ("first", "cached"):
+                    label = f"{where} {kind}"
+                    ours_over = (row["ours_over_peer"][kind], label, _paired(row, "paired_ours_over_peer", kind))
                     if row["part"] == "zennit":
-                        measured["ours / Zennit"].append((row["ours_over_peer"][kind], f"{where} {kind}"))
+                        measured["ours / Zennit"].append(ours_over)
                     elif row["part"] == "lxt":
-                        measured["ours / LXT"].append((row["ours_over_peer"][kind], f"{where} {kind}"))
+                        measured["ours / LXT"].append(ours_over)
                     elif row["part"] == "ig":
-                        measured["IG(50) / ours"].append((row["peer_over_ours"][kind], f"{where} {kind}"))
+                        peer_over = (row["peer_over_ours"][kind], label, _paired(row, "paired_peer_over_ours", kind))
+                        measured["IG(50) / ours"].append(peer_over)
         elif name.startswith("depth"):
             for kind in ("first", "cached"):
                 per_node = [row[f"{kind}_us_per_node"] for row in payload if f"{kind}_us_per_node" in row]
                 if len(per_node) >= 2 and min(per_node) > 0:
-                    measured["depth: time per node, max / min"].append((max(per_node) / min(per_node), kind))
+                    measured["depth: time per node, max / min"].append((max(per_node) / min(per_node), kind, None))
                 slopes = [row[f"{kind}_us_per_added_node"] for row in payload if f"{kind}_us_per_added_node" in row]
                 if len(slopes) >= 2 and min(slopes) > 0:
-                    measured["depth: time per added node, max / min"].append((max(slopes) / min(slopes), kind))
+                    measured["depth: time per added node, max / min"].append((max(slopes) / min(slopes), kind, None))
     verdicts = []
     for goal, (limit, at_most) in GOALS.items():
         values = measured[goal]
         worst = _worst(values, at_most)
-        misses = [where for value, where in values if (value > limit if at_most else value < limit)]
+        misses = [where + _spread(paired) for value, where, paired in values if (value > limit if at_most else value < limit)]
         verdicts.append({
             "goal": goal,
             "limit": limit,
             "at_most": at_most,
             "worst": None if worst is None else worst[0],
             "worst_at": None if worst is None else worst[1],
+            "worst_rounds": None if worst is None else worst[2],
             "met": None if worst is None else not misses,
             "misses": misses,
         })
@@ -155,7 +178,7 @@ def format_verdicts(verdicts: list[dict[str, Any]]) -> str:
         if v["worst"] is None:
             lines.append(f"{v['goal']:<40} {limit:>8} {'-':>7}  {'-':<5} not measured")
             continue
-        detail = v["worst_at"] if v["met"] else "misses: " + ", ".join(v["misses"])
+        detail = v["worst_at"] + _spread(v.get("worst_rounds")) if v["met"] else "misses: " + ", ".join(v["misses"])
         lines.append(f"{v['goal']:<40} {limit:>8} {v['worst']:>7.2f}  {'yes' if v['met'] else 'NO':<5} {detail}")
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_attention  # noqa: E402
 import bench_depth  # noqa: E402
 import bench_engine  # noqa: E402
+import ratios  # noqa: E402
 
 
 def test_bench_engine_writes_ratios_for_a_small_workload(tmp_path):
@@ -24,6 +25,10 @@ def test_bench_engine_writes_ratios_for_a_small_workload(tmp_path):
     (row,) = payload["results"]
     assert payload["meta"]["device"] == "cpu"
     assert set(row["time_ratio"]) == {"first", "cached"} and all(v > 0 for v in row["time_ratio"].values())
+    # one round: its paired ratio is that round's own ratio, and so are both quartiles
+    for kind in ("first", "cached"):
+        own = row["times_ms"][kind][0] / row["times_ms"]["ixg"][0]
+        assert row["paired_time_ratio"][kind] == pytest.approx({"median": own, "q1": own, "q3": own})
 
 
 def test_bench_engine_counts_page_faults_and_keeps_the_heap_on_request(tmp_path):
@@ -164,6 +169,38 @@ def test_suite_verdicts_label_rows_below_the_issues_forward_floor():
     # still counted (the verdict stays strict), but named as below the issue's size floor
     assert verdicts["time cached / IxG"]["misses"] == ["resnet18 b1 (forward 38 ms < 50)", "resnet50 b1"]
     assert verdicts["time cached / IxG"]["worst_at"] == "resnet18 b1 (forward 38 ms < 50)"
+
+
+def test_paired_ratio_takes_the_rounds_ratios_median_and_quartiles():
+    # ratios 2, 2, 3, 4: median 2.5; inclusive quartiles at positions 0.75 and 2.25 of the sorted list
+    assert ratios.paired_ratio([2.0, 4.0, 6.0, 8.0], [1.0, 2.0, 2.0, 2.0]) == pytest.approx(
+        {"median": 2.5, "q1": 2.0, "q3": 3.25}
+    )
+    assert ratios.paired_ratio([3.0], [2.0]) == {"median": 1.5, "q1": 1.5, "q3": 1.5}
+    with pytest.raises(ValueError):
+        ratios.paired_ratio([1.0, 2.0], [1.0])
+
+
+def test_peer_rows_pair_each_round_with_the_peers_call_of_that_round():
+    import bench_peers
+
+    times = {"peer": [1.0, 2.0, 4.0], "first": [1.5, 2.0, 2.0], "cached": [1.0, 1.0, 8.0]}
+    row = bench_peers.make_row("lxt", "llama", 1, "attnlrp", "lxt", [1, 8, 16], times)
+    # first: rounds 1.5, 1.0, 0.5; cached: 1.0, 0.5, 2.0 (sorted 0.5, 1.0, 2.0 -> quartiles 0.75, 1.5)
+    assert row["paired_ours_over_peer"]["first"] == pytest.approx({"median": 1.0, "q1": 0.75, "q3": 1.25})
+    assert row["paired_ours_over_peer"]["cached"] == pytest.approx({"median": 1.0, "q1": 0.75, "q3": 1.5})
+    assert row["paired_peer_over_ours"]["cached"]["median"] == pytest.approx(1.0)
+    assert row["ours_over_peer"]["cached"] == pytest.approx(1.0 / 2.0)  # medians 1.0 and 2.0: unchanged
+
+
+def test_suite_verdicts_give_each_miss_the_spread_of_its_rounds():
+    rounds = {"median": 1.22, "q1": 1.17, "q3": 1.26}
+    noisy = {**_engine_row("resnet50", 1, 1.1, 1.23, 1.0), "paired_time_ratio": {"first": rounds, "cached": rounds}}
+    clear = _engine_row("resnet50", 8, 1.1, 1.1, 1.0)  # an older file: no rounds, no spread
+    verdicts = {v["goal"]: v for v in run_all.evaluate({"zoo.json": {"results": [noisy, clear]}})}
+    assert verdicts["time cached / IxG"]["misses"] == ["resnet50 b1 [rounds 1.17-1.26]"]
+    assert verdicts["time first / IxG"]["worst_rounds"] == rounds
+    assert "[rounds 1.17-1.26]" in run_all.format_verdicts(list(verdicts.values()))
 
 
 def test_suite_verdicts_say_not_measured_without_results():
