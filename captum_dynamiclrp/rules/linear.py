@@ -234,9 +234,9 @@ def _is_strided_pointwise(w: Tensor, stride: list, padding: list, transposed: bo
     )
 
 
-# The transposed convolution of the scatter path reorders the weight on every call (oneDNN's layout for
-# a transposed kernel), so where the weight dwarfs the gradient, autograd's strided kernel is the
-# cheaper one. ResNet-50's 1024 -> 2048 downsample on 2 CPU threads, weights cold in cache, as in a
+# The scatter path's transposed convolution is slow where its weight is large next to the gradient and
+# cold in cache (presumably a weight reorder per call); there autograd's strided kernel is the cheaper
+# one. ResNet-50's 1024 -> 2048 downsample on 2 CPU threads, weights cold in cache, as in a
 # walk (weight / gradient elements; scatter vs autograd ms): 20.9 at batch 1, 1.75 vs 1.29; 10.4 at
 # batch 2, 2.15 vs 3.34; 5.2 at batch 4, 3.12 vs 5.26. The scatter is taken up to this ratio.
 _MAX_WEIGHT_PER_GRADIENT = 16
