@@ -932,7 +932,7 @@ def test_only_strided_pointwise_convolutions_take_the_scatter():
 
 
 def test_a_weight_much_larger_than_the_gradient_keeps_autograds_kernel(monkeypatch):
-    # One 1 x 1 output position against a 64 x 32 weight: the scatter's weight reorder would cost more.
+    # One 1 x 1 output position against a 64 x 32 weight: the scatter would not pay (see _scatter_pays).
     torch.manual_seed(0)
     x, w = torch.randn(1, 32, 2, 2, dtype=DT, requires_grad=True), torch.randn(64, 32, 1, 1, dtype=DT)
     out = nn.functional.conv2d(x, w, stride=2)
